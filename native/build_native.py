@@ -33,6 +33,8 @@ def _cdef_text(path: pathlib.Path) -> str:
 
 
 ffibuilder = FFI()
+# system types the headers use, declared for cffi only (the C side has <sys/uio.h>)
+ffibuilder.cdef("struct iovec { void *iov_base; size_t iov_len; };")
 for header in HEADERS:
     ffibuilder.cdef(_cdef_text(header))
 ffibuilder.set_source(

@@ -1,0 +1,49 @@
+"""Shared fixtures: a trionet session served in-process to a scripted front-end."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.fakes.driver import GuestRam
+from tests.fakes.frontend import Frontend
+from trionet.backends.loop import LoopBackend
+from trionet.service.server import Service, ServiceConfig
+
+
+@pytest.fixture
+def ram() -> AsyncIterator[GuestRam]:
+    r = GuestRam()
+    yield r  # type: ignore[misc]
+    r.close()
+
+
+@pytest.fixture
+async def loop_service(tmp_path: Path) -> AsyncIterator[Service]:
+    logging.getLogger("trionet").setLevel(logging.DEBUG)
+    config = ServiceConfig(queue_pairs=4, socket_path=tmp_path / "vhost.sock",
+                           control_socket=tmp_path / "control.sock")
+    service = Service(config, LoopBackend(config.queue_pairs))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        yield service
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def frontend(loop_service: Service, ram: GuestRam) -> AsyncIterator[Frontend]:
+    assert loop_service.config.socket_path is not None
+    fe = await Frontend.connect(str(loop_service.config.socket_path), ram)
+    yield fe
+    fe.close()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.root`` tests fail (never skip) without root and /dev/net/tun."""
+    from tests.netns import check_root_marker
+
+    check_root_marker(item)

@@ -1,0 +1,417 @@
+"""Helpers for tools/bench: run DPDK testpmd (virtio-user frontend, net_vhost baseline
+backend) and trionet, parse testpmd statistics, and clean up reliably.
+
+Every process started here gets its own session, is tracked in a registry and is
+stopped by pid (SIGINT first, so testpmd prints its final statistics and releases
+its vhost-user socket, then SIGTERM, then SIGKILL).  Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TESTPMD = "dpdk-testpmd"
+# EAL arguments shared by every testpmd instance: no hugepages, no PCI scan.
+EAL_COMMON = ("--no-huge", "-m", "1024", "--no-pci", "--single-file-segments")
+EAL_LOG_LEVEL = "--log-level=4"  # warnings and worse
+
+BACKEND_CPU = 0
+FRONTEND_CPU = 1
+
+
+class BenchError(RuntimeError):
+    """A run failed; the message says which step and why."""
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Line:
+    t: float  # time.monotonic() when the line was read
+    text: str
+
+
+@dataclass
+class Proc:
+    """A child process whose combined stdout/stderr is read line by line, timestamped,
+    and also appended to a log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes]
+    started: float
+    lines: list[Line] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def snapshot(self) -> list[Line]:
+        with self.lock:
+            return list(self.lines)
+
+    def tail(self, n: int = 25) -> str:
+        return "\n".join("    " + ln.text for ln in self.snapshot()[-n:])
+
+
+_LIVE: dict[int, Proc] = {}
+
+
+def _read_lines(proc: Proc) -> None:
+    assert proc.popen.stdout is not None
+    with open(proc.log_path, "ab") as log:
+        for raw in proc.popen.stdout:
+            log.write(raw)
+            log.flush()
+            # testpmd clears the screen before every stats block; drop the escapes.
+            text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", raw.decode(errors="replace")).rstrip()
+            with proc.lock:
+                proc.lines.append(Line(time.monotonic(), text))
+
+
+def spawn(
+    name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+) -> Proc:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(("$ " + " ".join(argv) + "\n").encode())
+    started = time.monotonic()
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    except OSError as exc:
+        raise BenchError(f"{name}: cannot execute {argv[0]}: {exc}") from exc
+    proc = Proc(name=name, argv=list(argv), log_path=log_path, popen=popen, started=started)
+    proc.reader = threading.Thread(target=_read_lines, args=(proc,), daemon=True)
+    proc.reader.start()
+    _LIVE[proc.pid] = proc
+    return proc
+
+
+def stop(proc: Proc, first_signal: int = signal.SIGINT, grace: float = 8.0) -> int | None:
+    """Stop one process by pid; escalate to SIGTERM and SIGKILL.  Returns its exit code."""
+    try:
+        for sig, wait in ((first_signal, grace), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+            if proc.popen.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=wait)
+        if proc.reader is not None:
+            proc.reader.join(timeout=2.0)
+        return proc.popen.poll()
+    finally:
+        _LIVE.pop(proc.pid, None)
+
+
+def stop_all() -> None:
+    for proc in list(_LIVE.values()):
+        stop(proc, grace=3.0)
+
+
+def cpu_pin_prefix(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") else []
+
+
+def line_buffered_prefix() -> list[str]:
+    # testpmd writes stats with stdio; make them arrive line by line through the pipe.
+    return ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
+
+
+def wait_for_socket(path: Path, proc: Proc, timeout: float, poll: float = 0.001) -> float:
+    """Wait until `path` is a UNIX socket; return seconds since `proc` was spawned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return time.monotonic() - proc.started
+        except FileNotFoundError:
+            pass
+        if not proc.alive():
+            raise BenchError(
+                f"{proc.name} exited with status {proc.popen.returncode} before creating "
+                f"{path}; last output:\n{proc.tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"{proc.name} did not create {path} within {timeout:.0f} s; last output:\n"
+                f"{proc.tail()}"
+            )
+        time.sleep(poll)
+
+
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS in /proc/{pid}/status")
+
+
+def dpdk_runtime_dir(prefix: str) -> Path:
+    base = "/var/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+    return Path(base) / "dpdk" / prefix
+
+
+def remove_dpdk_runtime_dir(prefix: str) -> None:
+    shutil.rmtree(dpdk_runtime_dir(prefix), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- testpmd
+
+
+def testpmd_argv(
+    *,
+    cpu: int,
+    prefix: str,
+    vdev: str,
+    app_args: Sequence[str],
+) -> list[str]:
+    """testpmd with a main lcore and one forwarding lcore, both on `cpu`."""
+    return [
+        *cpu_pin_prefix(cpu),
+        *line_buffered_prefix(),
+        TESTPMD,
+        "--lcores",
+        f"0@{cpu},1@{cpu}",
+        *EAL_COMMON,
+        f"--file-prefix={prefix}",
+        EAL_LOG_LEVEL,
+        "--vdev",
+        vdev,
+        "--",
+        "--nb-cores=1",
+        *app_args,
+    ]
+
+
+@dataclass
+class Sample:
+    t: float
+    rx: int
+    tx: int
+
+
+_NIC_HDR = re.compile(r"NIC statistics for port (\d+)")
+_RX = re.compile(r"^\s*RX-packets:\s*(\d+)")
+_TX = re.compile(r"^\s*TX-packets:\s*(\d+)")
+
+
+def parse_port_stats(lines: Sequence[Line], port: int = 0) -> list[Sample]:
+    """Cumulative RX/TX packet counters from testpmd's periodic 'NIC statistics' blocks.
+    The timestamp of a sample is when its header line was read (testpmd reads the
+    counters just before printing the header)."""
+    samples: list[Sample] = []
+    cur_t: float | None = None
+    rx: int | None = None
+    for ln in lines:
+        m = _NIC_HDR.search(ln.text)
+        if m:
+            cur_t = ln.t if int(m.group(1)) == port else None
+            rx = None
+            continue
+        if cur_t is None:
+            continue
+        if rx is None:
+            m = _RX.match(ln.text)
+            if m:
+                rx = int(m.group(1))
+            continue
+        m = _TX.match(ln.text)
+        if m:
+            samples.append(Sample(cur_t, rx, int(m.group(1))))
+            cur_t = None
+            rx = None
+    return samples
+
+
+_STREAM_HDR = re.compile(r"Forward Stats for RX Port=\s*(\d+)/Queue=\s*(\d+)")
+_FWD_HDR = re.compile(r"Forward statistics for port\s+(\d+)")
+_ACC_HDR = re.compile(r"Accumulated forward statistics")
+_FWD_RX = re.compile(r"RX-packets:\s*(\d+)")
+_FWD_TX = re.compile(r"TX-packets:\s*(\d+)\s+TX-dropped:\s*(\d+)")
+
+
+@dataclass
+class ForwardStats:
+    """testpmd's final statistics (printed when forwarding stops)."""
+
+    rx: int = 0
+    tx: int = 0
+    tx_dropped: int = 0
+    per_queue_rx: dict[int, int] = field(default_factory=dict)
+    per_queue_tx: dict[int, int] = field(default_factory=dict)
+    found: bool = False
+
+
+def parse_forward_stats(lines: Sequence[Line]) -> ForwardStats:
+    out = ForwardStats()
+    section: tuple[str, int] | None = None
+    for ln in lines:
+        text = ln.text
+        m = _STREAM_HDR.search(text)
+        if m:
+            section = ("queue", int(m.group(2)))
+            continue
+        if _FWD_HDR.search(text):
+            section = ("port", 0)
+            continue
+        if _ACC_HDR.search(text):
+            section = ("acc", 0)
+            continue
+        if section is None:
+            continue
+        m = _FWD_RX.search(text)
+        if m and "RX-dropped" in text:
+            if section[0] == "queue":
+                out.per_queue_rx[section[1]] = int(m.group(1))
+            elif section[0] == "acc":
+                out.rx = int(m.group(1))
+                out.found = True
+            continue
+        m = _FWD_TX.search(text)
+        if m:
+            if section[0] == "queue":
+                out.per_queue_tx[section[1]] = int(m.group(1))
+            elif section[0] == "acc":
+                out.tx = int(m.group(1))
+                out.tx_dropped = int(m.group(2))
+                section = None
+    return out
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Rates:
+    tx_pps: float
+    rx_pps: float
+    window_s: float
+    # per stats-interval rates inside the window, to show how noisy the run was
+    tx_intervals: list[float] = field(default_factory=list)
+    rx_intervals: list[float] = field(default_factory=list)
+
+
+def measure_window(
+    fe: Proc,
+    *,
+    backend: Proc | None,
+    warmup: float,
+    duration: float,
+    start_timeout: float,
+    need_rx: bool,
+    need_tx: bool,
+) -> Rates:
+    """Wait for traffic on the frontend, skip `warmup` seconds, then average the
+    frontend's port counters over at least `duration` seconds of stats samples."""
+    deadline_start = fe.started + start_timeout
+    t_traffic: float | None = None
+    first: Sample | None = None
+    while True:
+        time.sleep(0.05)
+        samples = parse_port_stats(fe.snapshot())
+        if not fe.alive():
+            raise BenchError(
+                f"{fe.name} exited with status {fe.popen.returncode} during the run; "
+                f"last output:\n{fe.tail()}"
+            )
+        if backend is not None and not backend.alive():
+            raise BenchError(
+                f"{backend.name} exited with status {backend.popen.returncode} during the "
+                f"run; last output:\n{backend.tail()}"
+            )
+        if t_traffic is None:
+            for s in samples:
+                if (need_tx and s.tx > 0) or (need_rx and s.rx > 0):
+                    t_traffic = s.t
+                    break
+            if t_traffic is None:
+                if time.monotonic() > deadline_start:
+                    raise BenchError(
+                        f"no traffic seen by {fe.name} within {start_timeout:.0f} s of start; "
+                        f"last output:\n{fe.tail()}"
+                    )
+                continue
+        if first is None:
+            cands = [s for s in samples if s.t >= t_traffic + warmup]
+            if cands:
+                first = cands[0]
+            elif time.monotonic() > t_traffic + warmup + 10.0:
+                raise BenchError(f"{fe.name} stopped printing statistics")
+            continue
+        later = [s for s in samples if s.t >= first.t + duration]
+        if later:
+            last = later[0]
+            dt = last.t - first.t
+            inside = [s for s in samples if first.t <= s.t <= last.t]
+            pairs = [(a, b) for a, b in itertools.pairwise(inside) if b.t > a.t]
+            return Rates(
+                tx_pps=(last.tx - first.tx) / dt,
+                rx_pps=(last.rx - first.rx) / dt,
+                window_s=dt,
+                tx_intervals=[(b.tx - a.tx) / (b.t - a.t) for a, b in pairs],
+                rx_intervals=[(b.rx - a.rx) / (b.t - a.t) for a, b in pairs],
+            )
+        if time.monotonic() > first.t + duration + 10.0:
+            raise BenchError(f"{fe.name} stopped printing statistics")
+
+
+def git_revision(repo: Path) -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
+def dpdk_version() -> str:
+    try:
+        return subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Version}", "dpdk"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

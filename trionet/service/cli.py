@@ -1,0 +1,131 @@
+"""``trionet``: the command line of the per-VM service (vhost-user backend conventions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from trionet.service.server import ConfigError, Service, ServiceConfig, read_status
+
+MAX_PAIRS = 16
+
+
+def _pairs(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= MAX_PAIRS:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_PAIRS}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trionet",
+        description="vhost-user virtio-net backend: serves one VM's network on up to 16 queue pairs.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", type=Path, help="listen on this UNIX socket path")
+    where.add_argument("--fd", type=int, help="serve an already-listening UNIX socket fd")
+    where.add_argument("--connect", type=Path, help="connect to a VMM that listens here")
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the backend's capabilities as JSON and exit")
+    p.add_argument("--backend", choices=("tap", "loop"), default="tap",
+                   help="host side: a multi-queue tap, or loop frames back (tests)")
+    p.add_argument("--tap", default="trionet0", help="tap device to attach to or create")
+    p.add_argument("--queue-pairs", type=_pairs, default=MAX_PAIRS,
+                   help="queue pairs offered to the guest (1..16, default 16)")
+    p.add_argument("--mtu", type=int, default=1500, help="MTU of the guest link")
+    p.add_argument("--state-file", type=Path, help="record state here to survive a restart")
+    p.add_argument("--control-socket", type=Path, help="serve status JSON on this UNIX socket")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def capabilities() -> dict[str, object]:
+    return {"type": "net"}
+
+
+async def _main(args: argparse.Namespace) -> None:
+    config = ServiceConfig(
+        queue_pairs=args.queue_pairs,
+        socket_path=args.socket_path,
+        listen_fd=args.fd,
+        connect_path=args.connect,
+        control_socket=args.control_socket,
+        state_file=args.state_file,
+        mtu=args.mtu,
+    )
+    if args.backend == "loop":
+        from trionet.backends.loop import LoopBackend
+
+        backend = LoopBackend(args.queue_pairs)
+    else:
+        from trionet.backends.tap import TapBackend
+
+        backend = TapBackend(args.tap, args.queue_pairs)
+    await backend.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            await Service(config, backend).run()
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await backend.aclose()
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            logging.getLogger("trionet").info("%s: shutting down", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def status_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="trionet status", description="print a running trionet's status")
+    p.add_argument("--control-socket", type=Path, required=True)
+    args = p.parse_args(argv)
+    try:
+        data = read_status(args.control_socket)
+    except OSError as exc:
+        print(f"trionet status: {args.control_socket}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps(capabilities()))
+        return 0
+    if args.socket_path is None and args.fd is None and args.connect is None:
+        print("trionet: one of --socket-path, --fd or --connect is required", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s trionet[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        trio.run(_main, args)
+    except ConfigError as exc:
+        print(f"trionet: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The per-queue-pair data path: Trio loops around the C core's batches.
+
+Python runs once per batch (up to ``BATCH`` chains), never per packet, except
+for the rare discard path of a started-but-disabled TX ring.  Each loop waits
+on exactly one fd direction at a time (kick eventfd, or the tap queue fd), so
+cancelling the pair's scope stops it at a point where the ring is consistent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from trionet.errors import RingError
+from trionet.memory import GuestMemory
+from trionet.net import features as F
+from trionet.native import ffi, lib
+from trionet.service.counters import PairCounters
+from trionet.virtq.vring import DEVICE_READS, Vring
+
+log = logging.getLogger(__name__)
+
+BATCH = 256
+POLL_INTERVAL = 0.005  # a ring whose VMM gave no kick fd is polled
+_ONE = (1).to_bytes(8, "little")
+
+
+@dataclass
+class PairContext:
+    """What one queue pair's task needs; nothing in it is shared with another pair
+    except guest memory (read-only here) and the device features."""
+
+    index: int
+    rx: Vring
+    tx: Vring
+    mem: GuestMemory
+    features: int
+    counters: PairCounters
+    scratch: Any  # struct tn_scratch *, this pair's own
+    mtu: int
+    on_broken: Callable[[Vring, RingError], None]
+
+    @property
+    def hdr_len(self) -> int:
+        return F.header_length(self.features)
+
+    @property
+    def mrg(self) -> int:
+        return 1 if F.has(self.features, F.MRG_RXBUF) else 0
+
+    def rx_room_needed(self) -> int:
+        """RX room to have before taking a frame from the host side."""
+        gso = any(
+            F.has(self.features, b) for b in (F.GUEST_TSO4, F.GUEST_TSO6, F.GUEST_UFO)
+        )
+        return self.hdr_len + (65535 + 18 if gso else self.mtu + 18)
+
+
+def notify(ctx: PairContext, vr: Vring) -> None:
+    """Interrupt the guest for ``vr`` if it wants one (EVENT_IDX / NO_INTERRUPT)."""
+    if vr.call_fd is None or not vr.needs_notify():
+        return
+    try:
+        os.write(vr.call_fd, _ONE)
+        ctx.counters.notifications += 1
+    except BlockingIOError:
+        pass  # the eventfd counter is saturated: the guest has an interrupt pending
+    except OSError as exc:
+        log.warning("pair %d: call fd of vring %d: %s", ctx.index, vr.index, exc)
+
+
+async def wait_kick(ctx: PairContext, vr: Vring) -> None:
+    fd = vr.kick_fd
+    if fd is None:
+        await trio.sleep(POLL_INTERVAL)
+        return
+    while True:
+        try:
+            os.read(fd, 8)
+            ctx.counters.kicks += 1
+            return
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+
+
+async def _guarded(ctx: PairContext, vr: Vring, loop: Callable[[], Any]) -> None:
+    try:
+        await loop()
+    except RingError as exc:
+        ctx.on_broken(vr, exc)
+    except trio.ClosedResourceError:
+        pass  # an fd we waited on was replaced; the session restarts us
+
+
+async def discard_tx(ctx: PairContext) -> None:
+    """A started but disabled TX ring: process and discard, no side effects."""
+    vr = ctx.tx
+    while True:
+        while (chain := vr.pop(ctx.mem, DEVICE_READS)) is not None:
+            vr.push(chain.head, 0)
+            ctx.counters.drops["tx_ring_disabled"] += 1
+        vr.publish()
+        notify(ctx, vr)
+        if vr.enable_notify():
+            continue
+        await wait_kick(ctx, vr)
+
+
+async def loop_pair(ctx: PairContext, rx_on: bool) -> None:
+    """Loop backend: TX frames back into this pair's RX ring, a batch at a time."""
+    tx, rx = ctx.tx, ctx.rx
+    tb = ffi.new("struct tn_batch *")
+    rb = ffi.new("struct tn_batch *")
+    rx_vq = rx.vq if rx_on else ffi.NULL
+    hdr, mrg, table = ctx.hdr_len, ctx.mrg, ctx.mem.table
+    while True:
+        tx.disable_notify()
+        while True:
+            rc = lib.tn_loop_batch(tx.vq, rx_vq, table, mrg, hdr, BATCH, ctx.scratch, tb, rb)
+            tx.check(rc)
+            ctx.counters.add_tx(tb)
+            ctx.counters.add_rx(rb)
+            if rc:
+                notify(ctx, tx)
+            if rb.packets:
+                notify(ctx, rx)
+            if rx_on and rx.vq.broken:
+                rx_on, rx_vq = False, ffi.NULL
+                try:
+                    rx.check(rx.vq.error)
+                except RingError as exc:
+                    ctx.on_broken(rx, exc)
+            if tb.ring_empty:
+                break
+            await trio.lowlevel.checkpoint()
+        if tx.enable_notify():
+            continue
+        await wait_kick(ctx, tx)
+
+
+async def tap_tx(ctx: PairContext, fd: int) -> None:
+    """Guest TX → tap queue ``fd``; EAGAIN holds the descriptors until writable."""
+    vr = ctx.tx
+    b = ffi.new("struct tn_batch *")
+    hdr, table = ctx.hdr_len, ctx.mem.table
+    while True:
+        vr.disable_notify()
+        while True:
+            rc = lib.tn_tx_to_fd(vr.vq, table, fd, hdr, BATCH, b)
+            vr.check(rc)
+            ctx.counters.add_tx(b)
+            if rc:
+                notify(ctx, vr)
+            if b.fd_blocked:
+                await trio.lowlevel.wait_writable(fd)
+                continue
+            if b.ring_empty:
+                break
+            await trio.lowlevel.checkpoint()
+        if vr.enable_notify():
+            continue
+        await wait_kick(ctx, vr)
+
+
+async def tap_rx(ctx: PairContext, fd: int) -> None:
+    """Tap queue ``fd`` → guest RX; a full RX ring stops reading the tap."""
+    vr = ctx.rx
+    b = ffi.new("struct tn_batch *")
+    hdr, mrg, table, need = ctx.hdr_len, ctx.mrg, ctx.mem.table, ctx.rx_room_needed()
+    vr.disable_notify()
+    while True:
+        rc = lib.tn_rx_from_fd(vr.vq, table, fd, mrg, hdr, need, BATCH, ctx.scratch, b)
+        vr.check(rc)
+        ctx.counters.add_rx(b)
+        if rc:
+            notify(ctx, vr)
+        if b.ring_full:
+            if vr.enable_notify():
+                vr.disable_notify()
+                continue
+            await wait_kick(ctx, vr)
+            vr.disable_notify()
+            continue
+        if b.fd_blocked:
+            if b.drops_io:
+                log.warning("pair %d: tap read: %s", ctx.index, os.strerror(b.last_errno))
+                await trio.sleep(0.1)
+            await trio.lowlevel.wait_readable(fd)
+            continue
+        await trio.lowlevel.checkpoint()
+
+
+async def run_pair(ctx: PairContext, *, active: bool, tap_fd: int | None) -> None:
+    """Serve one queue pair until cancelled.
+
+    ``active``: the pair is within the active pair count.  A TX ring that is
+    started but disabled (or outside the active count) is drained and
+    discarded; an RX ring in that state gets nothing."""
+    tx_on = ctx.tx.runnable
+    tx_live = tx_on and ctx.tx.enabled and active
+    rx_live = ctx.rx.runnable and ctx.rx.enabled and active
+    async with trio.open_nursery() as nursery:
+        if tx_on and not tx_live:
+            nursery.start_soon(_guarded, ctx, ctx.tx, lambda: discard_tx(ctx))
+        elif tap_fd is None and tx_live:
+            nursery.start_soon(_guarded, ctx, ctx.tx, lambda: loop_pair(ctx, rx_live))
+        elif tap_fd is not None:
+            fd = tap_fd
+            if tx_live:
+                nursery.start_soon(_guarded, ctx, ctx.tx, lambda: tap_tx(ctx, fd))
+            if rx_live:
+                nursery.start_soon(_guarded, ctx, ctx.rx, lambda: tap_rx(ctx, fd))

@@ -1,0 +1,205 @@
+"""The long-lived service: one backend, one VMM connection at a time.
+
+``--socket-path`` listens (a stale socket file is replaced, anything else is
+refused), ``--fd`` serves a listening socket the orchestrator handed over,
+``--connect`` dials a VMM that listens and redials with backoff.  After a VMM
+disconnects the session is cleaned up and the next connection is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from trionet.service.counters import PairCounters
+from trionet.service.session import HostBackend, Session
+from trionet.service.state import StateFile
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+
+
+class ConfigError(Exception):
+    """A command line or environment problem: printed, exit status 2."""
+
+
+@dataclass
+class ServiceConfig:
+    queue_pairs: int = 16
+    socket_path: Path | None = None
+    listen_fd: int | None = None
+    connect_path: Path | None = None
+    control_socket: Path | None = None
+    state_file: Path | None = None
+    mtu: int = 1500
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, backend: HostBackend) -> None:
+        self.config = config
+        self.backend = backend
+        self.counters = [PairCounters() for _ in range(config.queue_pairs)]
+        self.session: Session | None = None
+        self.sessions_served = 0
+
+    def status(self) -> dict[str, Any]:
+        if self.session is not None:
+            st = self.session.status()
+        else:
+            st = {
+                "active_pairs": 0,
+                "max_pairs": self.config.queue_pairs,
+                "pairs": [
+                    {"index": p, "enabled": False, **c.as_dict()}
+                    for p, c in enumerate(self.counters)
+                ],
+            }
+        st["connected"] = self.session is not None
+        st["sessions_served"] = self.sessions_served
+        st["backend"] = self.backend.name
+        return st
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.config.control_socket is not None:
+                await nursery.start(serve_control, self.config.control_socket, self.status)
+            if self.config.connect_path is not None:
+                task_status.started()
+                await self._dial(self.config.connect_path)
+            else:
+                listener = make_listener(self.config)
+                task_status.started()
+                log.info("listening for a VMM")
+                with listener:
+                    await self._accept(listener)
+            nursery.cancel_scope.cancel()
+
+    async def _accept(self, listener: trio.socket.SocketType) -> None:
+        while True:
+            conn, _ = await listener.accept()
+            with conn:
+                await self._serve_connection(conn)
+
+    async def _dial(self, path: Path) -> None:
+        delay = BACKOFF_MIN
+        while True:
+            conn = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await conn.connect(str(path))
+            except OSError as exc:
+                conn.close()
+                log.info("connect to %s: %s; retrying in %.1fs", path, exc.strerror, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            delay = BACKOFF_MIN
+            with conn:
+                await self._serve_connection(conn)
+
+    async def _serve_connection(self, conn: trio.socket.SocketType) -> None:
+        state = StateFile(self.config.state_file) if self.config.state_file else None
+        session = Session(
+            conn,
+            self.backend,
+            max_pairs=self.config.queue_pairs,
+            mtu=self.config.mtu,
+            state=state,
+            counters=self.counters,
+        )
+        self.session = session
+        log.info("VMM connected")
+        try:
+            await session.run()
+        except (OSError, trio.BrokenResourceError) as exc:
+            log.error("VMM connection failed: %s", exc)
+        finally:
+            self.session = None
+            self.sessions_served += 1
+            log.info("session ended; waiting for the next VMM connection")
+
+
+def make_listener(config: ServiceConfig) -> trio.socket.SocketType:
+    if config.listen_fd is not None:
+        try:
+            sock = socket.socket(fileno=config.listen_fd)
+        except OSError as exc:
+            raise ConfigError(f"--fd {config.listen_fd}: {exc.strerror}") from None
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ConfigError(f"--fd {config.listen_fd} is not a UNIX stream socket")
+        sock.setblocking(False)
+        return trio.socket.from_stdlib_socket(sock)
+    assert config.socket_path is not None
+    path = config.socket_path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"--socket-path {path} exists and is not a socket")
+        os.unlink(path)
+    # bind + listen on a temporary name, then rename: the path appears only
+    # once connections to it are accepted.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        raw.bind(str(tmp))
+        raw.listen(4)
+        os.rename(tmp, path)
+    except OSError as exc:
+        raw.close()
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from None
+    raw.setblocking(False)
+    return trio.socket.from_stdlib_socket(raw)
+
+
+async def serve_control(
+    path: Path,
+    status: Callable[[], dict[str, Any]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Each connection to ``path`` receives the status as one JSON document."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(8)
+    task_status.started()
+    with sock:
+        while True:
+            conn, _ = await sock.accept()
+            with conn:
+                data = memoryview(json.dumps(status(), sort_keys=True).encode() + b"\n")
+                try:
+                    while data:
+                        data = data[await conn.send(data) :]
+                except OSError:
+                    pass
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    """Client side of ``serve_control`` (blocking; for the CLI)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    data = json.loads(b"".join(chunks))
+    assert isinstance(data, dict)
+    return data

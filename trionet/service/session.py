@@ -1,0 +1,337 @@
+"""One VMM connection = one VM session: the nursery that owns every pair task.
+
+The reader task decodes requests (sans-IO codec), applies them to the device
+(sans-IO ``BackendProtocol``), replies, then *reconciles*: every queue pair
+whose rings, memory, features or active state changed gets its task's cancel
+scope cancelled and a fresh task started.  Old and new task never overlap: a
+new task first waits for its predecessor's ``done`` event.  fds the protocol
+retires are closed only after ``notify_closing`` woke their waiters.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from trionet.errors import ProtocolError, RemoteProtocolError, RingError
+from trionet.net import features as F
+from trionet.net.multiqueue import ActivePairPolicy
+from trionet.native import ffi
+from trionet.service.counters import PairCounters
+from trionet.service.datapath import PairContext, run_pair
+from trionet.service.state import StateFile
+from trionet.vhost_user.backend import BackendProtocol
+from trionet.vhost_user.codec import RequestDecoder
+from trionet.virtq.vring import Vring
+
+log = logging.getLogger(__name__)
+
+MAX_FDS = 8
+RECV_SIZE = 65536
+
+
+class HostBackend(Protocol):
+    name: str
+
+    def offered_features(self) -> int: ...
+    def set_features(self, features: int) -> None: ...
+    async def set_active_pairs(self, n: int) -> None: ...
+
+
+@dataclass
+class PairSlot:
+    key: tuple[Any, ...] | None = None
+    scope: trio.CancelScope | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def __post_init__(self) -> None:
+        self.done.set()  # nothing running yet
+
+
+class Session:
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        backend: HostBackend,
+        *,
+        max_pairs: int,
+        mtu: int = 1500,
+        state: StateFile | None = None,
+        counters: list[PairCounters] | None = None,
+    ) -> None:
+        self.sock = sock
+        self.backend = backend
+        self.max_pairs = max_pairs
+        self.mtu = mtu
+        self.state = state
+        offered = F.BASE_FEATURES | backend.offered_features()
+        self.proto = BackendProtocol(max_pairs=max_pairs, offered_features=offered)
+        self.decoder = RequestDecoder()
+        self.counters = counters or [PairCounters() for _ in range(max_pairs)]
+        self.slots = [PairSlot() for _ in range(max_pairs)]
+        self._scratch: list[Any] = [None] * max_pairs
+        restore = state.restore_target(max_pairs) if state is not None else None
+        self.policy = ActivePairPolicy(max_pairs, restore_target=restore)
+        self.active_pairs = 1
+        self.active_changes: list[tuple[int, str]] = []
+        self._nursery: trio.Nursery | None = None
+        self._activated = False
+
+    # ---- lifecycle ------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    await self._serve()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        self.decoder.close()
+        fds = self.proto.take_retired_fds()
+        for vr in self.proto.vrings:
+            fds += [fd for fd in (vr.kick_fd, vr.call_fd, vr.err_fd) if fd is not None]
+            vr.kick_fd = vr.call_fd = vr.err_fd = None
+        _close_fds(fds)
+        self.proto.memory.clear()
+
+    async def _serve(self) -> None:
+        while True:
+            data, fds = await self._recv()
+            if not data:
+                _close_fds(fds)
+                log.info("VMM closed the connection")
+                return
+            try:
+                self.decoder.feed(data, fds)
+            except ProtocolError as exc:
+                log.error("vhost-user: %s; closing the connection", exc)
+                return
+            while True:
+                try:
+                    req = self.decoder.next_request()
+                except ProtocolError as exc:
+                    log.error("vhost-user: malformed message: %s; closing the connection", exc)
+                    return
+                if req is None:
+                    break
+                if not await self._handle(req):
+                    return
+
+    async def _recv(self) -> tuple[bytes, list[int]]:
+        data, anc, flags, _ = await self.sock.recvmsg(
+            RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+        )
+        fds: list[int] = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr)
+        for fd in fds:
+            os.set_blocking(fd, False)
+        if flags & socket.MSG_CTRUNC:
+            _close_fds(fds)
+            raise RemoteProtocolError("VMM sent more fds than a message may carry")
+        return data, fds
+
+    async def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    async def _handle(self, req: Any) -> bool:
+        """Apply one request; False when the connection must close."""
+        log.debug("request %s", req)
+        try:
+            reply = self.proto.handle(req)
+        except RemoteProtocolError as exc:
+            log.error("vhost-user: %s", exc)
+            if exc.reply is not None:
+                await self._send(exc.reply)
+            self._after_request()
+            return not exc.fatal
+        self._after_request()
+        events = self.proto.take_events()
+        await self._device_events(events)
+        if reply is not None:
+            await self._send(reply)
+        return True
+
+    def _after_request(self) -> None:
+        self.reconcile()
+        for fd in self.proto.take_retired_fds():
+            trio.lowlevel.notify_closing(fd)
+            _close_fds([fd])
+
+    # ---- device events: activation, active pair count -------------------------
+
+    async def _device_events(self, ev: Any) -> None:
+        for cause in ev.resets:
+            self._activated = False
+            await self.apply_active_pairs(self.policy.activation_target(), f"device reset ({cause})")
+        if ev.features_set and not self._activated:
+            self._activated = True
+            self.backend.set_features(self.proto.features)
+            await self.apply_active_pairs(self.policy.activation_target(), "driver negotiated features")
+        elif ev.features_set:
+            self.backend.set_features(self.proto.features)
+        if ev.enable_changes:
+            vr = self.proto.vrings
+            n = self.policy.count_from_enables(
+                [vr[2 * p].enabled for p in range(self.max_pairs)],
+                [vr[2 * p + 1].enabled for p in range(self.max_pairs)],
+            )
+            idx, on = ev.enable_changes[-1]
+            await self.apply_active_pairs(n, f"SET_VRING_ENABLE {idx}={int(on)}")
+        if ev.mtu is not None:
+            self.mtu = ev.mtu
+            self.reconcile(force=True)
+        if ev.rarp is not None:
+            log.info("SEND_RARP for %s", ev.rarp.hex(":"))
+
+    async def apply_active_pairs(self, n: int, cause: str) -> None:
+        """The one operation that changes how many pairs carry traffic."""
+        n = max(1, min(n, self.max_pairs))
+        if n == self.active_pairs and self.active_changes:
+            return
+        old = self.active_pairs
+        await self.backend.set_active_pairs(n)
+        self.active_pairs = n
+        self.active_changes.append((n, cause))
+        log.info("active queue pairs %d -> %d (%s)", old, n, cause)
+        if self.state is not None:
+            self.state.record(active_pairs=n, max_pairs=self.max_pairs)
+        self.reconcile()
+
+    # ---- pair tasks ---------------------------------------------------------------
+
+    def pair_key(self, p: int) -> tuple[Any, ...] | None:
+        rx, tx = self.proto.vrings[2 * p], self.proto.vrings[2 * p + 1]
+        if not (rx.runnable or tx.runnable) or len(self.proto.memory) == 0:
+            return None
+        return (
+            rx.generation,
+            tx.generation,
+            self.proto.memory.generation,
+            self.proto.features,
+            p < self.active_pairs,
+            self.mtu,
+        )
+
+    def reconcile(self, force: bool = False) -> None:
+        if self._nursery is None:
+            return
+        for p, slot in enumerate(self.slots):
+            key = self.pair_key(p)
+            if key == slot.key and not force:
+                continue
+            if slot.scope is not None:
+                slot.scope.cancel()
+                slot.scope = None
+            slot.key = key
+            if key is None:
+                continue
+            if not self._attach_pair(p):
+                slot.key = self.pair_key(p)
+                continue
+            scope = trio.CancelScope()
+            prev, slot.done = slot.done, trio.Event()
+            slot.scope = scope
+            self._nursery.start_soon(self._pair_task, p, scope, prev, slot.done)
+
+    def _attach_pair(self, p: int) -> bool:
+        for vr in (self.proto.vrings[2 * p], self.proto.vrings[2 * p + 1]):
+            if not vr.runnable:
+                continue
+            try:
+                vr.ensure_attached(self.proto.memory, self.proto.features)
+            except RingError as exc:
+                self.ring_broken(vr, exc)
+                return False
+        return True
+
+    async def _pair_task(
+        self, p: int, scope: trio.CancelScope, prev: trio.Event, done: trio.Event
+    ) -> None:
+        try:
+            with scope:
+                await prev.wait()
+                if self._scratch[p] is None:
+                    self._scratch[p] = ffi.new("struct tn_scratch *")
+                ctx = PairContext(
+                    index=p,
+                    rx=self.proto.vrings[2 * p],
+                    tx=self.proto.vrings[2 * p + 1],
+                    mem=self.proto.memory,
+                    features=self.proto.features,
+                    counters=self.counters[p],
+                    scratch=self._scratch[p],
+                    mtu=self.mtu,
+                    on_broken=self.ring_broken,
+                )
+                tap_fd = self._tap_fd(p)
+                await run_pair(ctx, active=p < self.active_pairs, tap_fd=tap_fd)
+                await trio.sleep_forever()
+        finally:
+            done.set()
+
+    def _tap_fd(self, p: int) -> int | None:
+        queue_fd = getattr(self.backend, "queue_fd", None)
+        return None if queue_fd is None else int(queue_fd(p))
+
+    def ring_broken(self, vr: Vring, exc: RingError) -> None:
+        log.error("%s; the ring is stopped, other rings go on (device NEEDS_RESET)", exc)
+        self.proto.mark_broken(vr, str(exc))
+        if vr.err_fd is not None:
+            try:
+                os.write(vr.err_fd, (1).to_bytes(8, "little"))
+            except OSError as err:
+                log.warning("vring %d error fd: %s", vr.index, err)
+        self.reconcile()
+
+    # ---- status -------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        vr = self.proto.vrings
+        return {
+            "active_pairs": self.active_pairs,
+            "max_pairs": self.max_pairs,
+            "features": F.names(self.proto.features),
+            "device_status": self.proto.status,
+            "active_changes": [{"count": n, "cause": c} for n, c in self.active_changes[-20:]],
+            "pairs": [
+                {
+                    "index": p,
+                    "enabled": bool(vr[2 * p].enabled and vr[2 * p + 1].enabled)
+                    and p < self.active_pairs,
+                    "rx_ring": _ring_status(vr[2 * p]),
+                    "tx_ring": _ring_status(vr[2 * p + 1]),
+                    **self.counters[p].as_dict(),
+                }
+                for p in range(self.max_pairs)
+            ],
+        }
+
+
+def _ring_status(vr: Vring) -> dict[str, Any]:
+    return {"started": vr.started, "enabled": vr.enabled, "broken": vr.broken}
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
