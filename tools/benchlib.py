@@ -174,6 +174,23 @@ def vm_rss_kib(pid: int) -> int:
     raise BenchError(f"no VmRSS in /proc/{pid}/status")
 
 
+def cpu_busy_fraction(interval: float) -> float:
+    """Fraction of all CPUs' time that was not idle/iowait over `interval` seconds."""
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields), idle
+
+    total0, idle0 = read()
+    time.sleep(interval)
+    total1, idle1 = read()
+    if total1 == total0:
+        return 0.0
+    return 1.0 - (idle1 - idle0) / (total1 - total0)
+
+
 def dpdk_runtime_dir(prefix: str) -> Path:
     base = "/var/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
     return Path(base) / "dpdk" / prefix

@@ -41,6 +41,7 @@ class _Mapping:
     base: Any  # cdata void*: start of the mmap
     length: int
     host: Any  # cdata uint8_t*: guest_addr maps here
+    refs: int = 1  # ADD_MEM_REG of an identical region (QEMU: one per vhost_dev) counts
 
 
 def _check_spec(spec: RegionSpec) -> None:
@@ -51,6 +52,10 @@ def _check_spec(spec: RegionSpec) -> None:
             raise RemoteProtocolError(f"memory region {name} range {start:#x}+{spec.size:#x} overflows")
     if spec.mmap_offset + spec.size - 1 > _U64:
         raise RemoteProtocolError("memory region mmap offset overflows")
+
+
+def _same(a: RegionSpec, b: RegionSpec) -> bool:
+    return (a.guest_addr, a.size, a.user_addr) == (b.guest_addr, b.size, b.user_addr)
 
 
 def _overlaps(a: RegionSpec, b: RegionSpec) -> bool:
@@ -138,9 +143,16 @@ class GuestMemory:
             _unmap(m)
 
     def add_region(self, spec: RegionSpec, fd: int) -> None:
-        """ADD_MEM_REG.  Closes ``fd`` in all cases."""
+        """ADD_MEM_REG.  Closes ``fd`` in all cases.
+
+        QEMU runs one vhost_dev per queue pair on the same connection and each
+        adds the same regions: an identical region is counted, not refused."""
         try:
             _check_spec(spec)
+            for m in self._maps:
+                if _same(m.spec, spec):
+                    m.refs += 1
+                    return
             if len(self._maps) >= MAX_REGIONS:
                 raise RemoteProtocolError(f"no free memory slot (at most {MAX_REGIONS})")
             for m in self._maps:
@@ -156,8 +168,10 @@ class GuestMemory:
     def remove_region(self, spec: RegionSpec) -> None:
         """REM_MEM_REG: the region with the same guest address, size and user address."""
         for i, m in enumerate(self._maps):
-            s = m.spec
-            if (s.guest_addr, s.size, s.user_addr) == (spec.guest_addr, spec.size, spec.user_addr):
+            if _same(m.spec, spec):
+                m.refs -= 1
+                if m.refs > 0:
+                    return
                 self._publish(self._maps[:i] + self._maps[i + 1 :])
                 _unmap(m)
                 return

@@ -104,7 +104,10 @@ def _run_testpmd(sock: Path, queues: int, tmp_path: Path) -> str:
     cpu = max(os.sched_getaffinity(0))
     prefix = f"trionet-test-{os.getpid()}-{queues}"
     log = tmp_path / f"testpmd-q{queues}.log"
+    # line-buffered stdout so the statistics reach the log file as they are printed
+    stdbuf = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
     argv = [
+        *stdbuf,
         "dpdk-testpmd",
         "--lcores",
         f"0@{cpu},1@{cpu}",

@@ -114,9 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("trionet: one of --socket-path, --fd or --connect is required", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
+        level=logging.WARNING,
         format="%(asctime)s trionet[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("trionet").setLevel(getattr(logging, args.log_level.upper()))
     try:
         trio.run(_main, args)
     except ConfigError as exc:

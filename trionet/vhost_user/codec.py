@@ -56,7 +56,7 @@ from .constants import (
     Request,
 )
 
-__all__ = ["RequestDecoder"]
+__all__ = ["SUPPORTED_REQUESTS", "RequestDecoder"]
 
 
 class _Malformed(Exception):
@@ -66,9 +66,9 @@ class _Malformed(Exception):
 # --- payload size rules ------------------------------------------------------------
 
 _U64 = m.U64_STRUCT.size
-#: Requests without payload: QEMU, DPDK and rust-vmm send size 0. Some back-ends
-#: (libvhost-user, DPDK's) ignore the size of these entirely; we also accept an
-#: 8-byte (u64) payload, whose value we ignore, and nothing else.
+#: Requests without payload: QEMU, DPDK and rust-vmm send size 0. To be lenient
+#: with front-ends that fill in the generic u64 anyway, an 8-byte payload is
+#: accepted too (its value ignored); any other size is refused.
 _EMPTY = frozenset({0, _U64})
 _ONE_U64 = frozenset({_U64})
 _VRING_STATE = frozenset({m.VRING_STATE_STRUCT.size})
@@ -83,7 +83,7 @@ _MEM_TABLE = frozenset(
 
 # --- fd rules: payload -> (fewest, most) fds allowed --------------------------------
 
-FdRule = Callable[[bytes], tuple[int, int]]
+_FdRule = Callable[[bytes], tuple[int, int]]
 
 
 def _no_fds(payload: bytes) -> tuple[int, int]:
@@ -115,18 +115,18 @@ def _vring_fd(payload: bytes) -> tuple[int, int]:
 
 # --- builders: (payload, fds, need_reply) -> message ----------------------------------
 
-Builder = Callable[[bytes, tuple[int, ...], bool], m.RequestMessage]
+_Builder = Callable[[bytes, tuple[int, ...], bool], m.RequestMessage]
 
 
-def _empty(cls: Callable[..., m.RequestMessage]) -> Builder:
+def _empty(cls: Callable[..., m.RequestMessage]) -> _Builder:
     return lambda payload, fds, need_reply: cls(need_reply=need_reply)
 
 
-def _u64(cls: Callable[..., m.RequestMessage]) -> Builder:
+def _u64(cls: Callable[..., m.RequestMessage]) -> _Builder:
     return lambda payload, fds, need_reply: cls(*m.U64_STRUCT.unpack(payload), need_reply)
 
 
-def _vring_state(cls: Callable[..., m.RequestMessage]) -> Builder:
+def _vring_state(cls: Callable[..., m.RequestMessage]) -> _Builder:
     return lambda payload, fds, need_reply: cls(*m.VRING_STATE_STRUCT.unpack(payload), need_reply)
 
 
@@ -149,7 +149,7 @@ def _build_set_vring_addr(payload: bytes, fds: tuple[int, ...], need_reply: bool
     return m.SetVringAddr(index, flags, desc, used, avail, log, need_reply)
 
 
-def _vring_fd_builder(cls: Callable[..., m.RequestMessage]) -> Builder:
+def _vring_fd_builder(cls: Callable[..., m.RequestMessage]) -> _Builder:
     def build(payload: bytes, fds: tuple[int, ...], need_reply: bool) -> m.RequestMessage:
         (value,) = m.U64_STRUCT.unpack(payload)
         # Bits 9-63 are unused; like rust-vmm and libvhost-user we ignore them.
@@ -198,8 +198,8 @@ def _build_set_status(payload: bytes, fds: tuple[int, ...], need_reply: bool) ->
 @dataclass(frozen=True, slots=True)
 class _Layout:
     sizes: frozenset[int]
-    fds: FdRule
-    build: Builder
+    fds: _FdRule
+    build: _Builder
     #: Close the fds as soon as they are counted (REM_MEM_REG).
     discard_fds: bool = False
 
