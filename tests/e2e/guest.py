@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +53,21 @@ def ensure_guest_image(force: bool = False) -> None:
             f"it needs root, apt and network access to the Debian mirror.\n"
             f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         )
+
+
+def prerequisite_problems() -> list[str]:
+    """What is missing to boot guests with networking (empty when all is well)."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("must run as root (network namespaces, taps, apt)")
+    for tool, pkg in (("qemu-system-x86_64", "qemu-system-x86"), ("ip", "iproute2")):
+        if shutil.which(tool) is None:
+            problems.append(f"{tool} not found: apt-get install -y {pkg}")
+    if shutil.which("busybox") is None:
+        problems.append("busybox not found: apt-get install -y busybox-static")
+    if not os.path.exists("/dev/net/tun"):
+        problems.append("/dev/net/tun missing")
+    return problems
 
 
 def accel_args() -> list[str]:

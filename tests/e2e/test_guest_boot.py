@@ -6,8 +6,6 @@ QEMU's own tap backend is used: the test creates a tap inside a fresh network na
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from tests.e2e.guest import (
     boot_guest,
     ensure_guest_image,
     network_namespace,
+    prerequisite_problems,
     sh,
 )
 
@@ -28,13 +27,9 @@ GUEST_IP = "10.0.2.15"
 
 
 def require_prerequisites() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("e2e tests need root (network namespaces, tap devices, apt)")
-    for tool in ("qemu-system-x86_64", "ip"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} not found: apt-get install -y qemu-system-x86 iproute2")
-    if not os.path.exists("/dev/net/tun"):
-        pytest.fail("/dev/net/tun missing")
+    problems = prerequisite_problems()
+    if problems:
+        pytest.fail("e2e prerequisites missing: " + "; ".join(problems))
 
 
 async def configure_guest_net(guest: Guest) -> None:
