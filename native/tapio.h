@@ -1,4 +1,5 @@
 /* Tap device ioctls and fd helpers for trionet (read by cffi as cdef). */
+#pragma once
 #include <stdint.h>
 #include <stddef.h>
 

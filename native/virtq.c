@@ -478,11 +478,23 @@ int tn_rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_le
     return 1;
 }
 
+/* Record the flow of a transmitted frame: replies go back on this pair. */
+static void note_flow(struct tn_flows *flows, const struct iovec *iov, uint32_t niov,
+                      uint32_t hdr_len, uint8_t pair, uint64_t now)
+{
+    uint8_t head[128];
+    if (flows == NULL)
+        return;
+    uint32_t got = tn_iov_to_buf(iov, niov, head, sizeof(head));
+    tn_flow_note(flows, tn_flow_hash(head, got, hdr_len), pair, now);
+}
+
 int tn_tx_to_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, uint32_t hdr_len,
-                uint32_t max, struct tn_batch *b)
+                uint32_t max, struct tn_batch *b, struct tn_flows *flows, uint8_t pair)
 {
     struct iovec iov[TN_MAX_CHAIN_IOV];
     int done = 0;
+    uint64_t now = flows != NULL ? tn_flow_now() : 0;
     memset(b, 0, sizeof(*b));
     while ((uint32_t)done < max) {
         uint32_t niov = 0, nread, rl, wl;
@@ -515,6 +527,7 @@ int tn_tx_to_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, uint32_t hdr_l
             } else {
                 b->packets++;
                 b->bytes += rl - hdr_len;
+                note_flow(flows, iov, niov, hdr_len, pair, now);
             }
         }
         tn_vq_push(vq, head, 0);
@@ -574,12 +587,11 @@ int tn_rx_from_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, int mrg, uin
 
 int tn_loop_batch(struct tn_vq *tx, struct tn_vq *rx, const struct tn_mem *m, int mrg,
                   uint32_t hdr_len, uint32_t max, struct tn_scratch *s, struct tn_batch *tb,
-                  struct tn_batch *rb)
+                  struct tn_batch *rb, struct tn_flows *flows, uint8_t pair)
 {
-    struct tn_chain *c = (struct tn_chain *)NULL;
+    uint64_t now = flows != NULL ? tn_flow_now() : 0;
     struct iovec iov[TN_MAX_CHAIN_IOV];
     int done = 0, delivered = 0;
-    (void)c;
     memset(tb, 0, sizeof(*tb));
     memset(rb, 0, sizeof(*rb));
     int rx_ok = rx != NULL && rx->desc != NULL && !rx->broken;
@@ -599,6 +611,8 @@ int tn_loop_batch(struct tn_vq *tx, struct tn_vq *rx, const struct tn_mem *m, in
             tb->drops_bad_frame++;
         } else {
             uint32_t len = tn_iov_to_buf(iov, niov, s->frame, TN_MAX_FRAME);
+            if (flows != NULL)
+                tn_flow_note(flows, tn_flow_hash(s->frame, len, hdr_len), pair, now);
             tb->packets++;
             tb->bytes += len - hdr_len;
             int put = rx_ok ? tn_rx_put(rx, m, mrg, hdr_len, s->frame, len, s) : 0;

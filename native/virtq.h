@@ -7,9 +7,12 @@
  * descriptor walk is bounded, and any rule the driver breaks marks that ring
  * broken (vq->broken, vq->error) and is reported to the caller as a negative
  * TN_E_* code. */
+#pragma once
 #include <stdint.h>
 #include <stddef.h>
 #include <sys/uio.h>
+
+#include "flows.h"
 
 #define TN_MAX_REGIONS 64
 #define TN_MAX_CHAIN_IOV 1024
@@ -131,9 +134,9 @@ uint32_t tn_buf_to_iov(const struct iovec *iov, uint32_t n, const uint8_t *src, 
 int tn_rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_len,
               const uint8_t *frame, uint32_t len, struct tn_scratch *s);
 int tn_tx_to_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, uint32_t hdr_len,
-                uint32_t max, struct tn_batch *b);
+                uint32_t max, struct tn_batch *b, struct tn_flows *flows, uint8_t pair);
 int tn_rx_from_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, int mrg, uint32_t hdr_len,
                   uint32_t need, uint32_t max, struct tn_scratch *s, struct tn_batch *b);
 int tn_loop_batch(struct tn_vq *tx, struct tn_vq *rx, const struct tn_mem *m, int mrg,
                   uint32_t hdr_len, uint32_t max, struct tn_scratch *s, struct tn_batch *tb,
-                  struct tn_batch *rb);
+                  struct tn_batch *rb, struct tn_flows *flows, uint8_t pair);

@@ -41,25 +41,30 @@ BLOB_SIZE = 1 << 20
 
 
 @asynccontextmanager
-async def host_httpd(netns: str, root: Path, port: int) -> AsyncIterator[None]:
+async def host_httpd(netns: str, root: Path, port: int, probe: str) -> AsyncIterator[None]:
     """busybox httpd in the foreground inside `netns`; killed by pid on exit."""
     argv = ["ip", "netns", "exec", netns, "busybox", "httpd", "-f"]
     argv += ["-p", f"{HOST_IP}:{port}", "-h", str(root)]
     proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL)
+    url = f"http://{HOST_IP}:{port}/{probe}"
     try:
-        with trio.fail_after(10):  # wait until it answers locally
+        with trio.fail_after(10):  # wait until it serves `probe` inside the namespace
             while True:
-                out = await sh(
-                    "busybox", "wget", "-q", "-O", "/dev/null",
-                    f"http://{HOST_IP}:{port}/", netns=netns, check=False,
-                )  # fmt: skip
-                del out
                 if proc.poll() is not None:
                     raise GuestError(f"busybox httpd exited with status {proc.returncode}")
-                res = await trio.run_process(
-                    ["ip", "netns", "exec", netns, "busybox", "nc", "-z", HOST_IP, str(port)],
-                    check=False, capture_stderr=True,
-                )  # fmt: skip
+                argv = [
+                    "ip",
+                    "netns",
+                    "exec",
+                    netns,
+                    "busybox",
+                    "wget",
+                    "-q",
+                    "-O",
+                    "/dev/null",
+                    url,
+                ]
+                res = await trio.run_process(argv, check=False, capture_stderr=True)
                 if res.returncode == 0:
                     break
                 await trio.sleep(0.1)
@@ -80,9 +85,9 @@ async def transfer_host_to_guest(guest: Guest, netns: str, tmp_path: Path) -> No
     www.mkdir()
     blob = os.urandom(BLOB_SIZE)
     (www / "blob").write_bytes(blob)
-    async with host_httpd(netns, www, 8080):
+    async with host_httpd(netns, www, 8080, "blob"):
         status, out = await guest.run(
-            f"wget -q -T 60 -O /tmp/blob http://{HOST_IP}:8080/blob", timeout=180
+            f"wget -q -O /tmp/blob http://{HOST_IP}:8080/blob", timeout=180
         )
         assert status == 0, f"guest wget failed: {out}"
     assert await guest_md5(guest, "/tmp/blob") == hashlib.md5(blob).hexdigest()
@@ -95,7 +100,7 @@ async def transfer_guest_to_host(guest: Guest, netns: str, tmp_path: Path) -> No
     got = tmp_path / "up"
     with trio.fail_after(180):
         await sh(
-            "busybox", "wget", "-q", "-T", "60", "-O", str(got),
+            "busybox", "wget", "-q", "-O", str(got),
             f"http://{GUEST_IP}:8081/up", netns=netns,
         )  # fmt: skip
     data = got.read_bytes()

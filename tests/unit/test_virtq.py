@@ -220,12 +220,14 @@ def test_hostile_ring_through_batched_paths(build: str) -> None:
         tb = ffi.new("struct tn_batch *")
         rb = ffi.new("struct tn_batch *")
         scratch = ffi.new("struct tn_scratch *")
-        rc = lib.tn_loop_batch(rig.vr.vq, ffi.NULL, rig.mem.table, 1, 12, 64, scratch, tb, rb)
+        rc = lib.tn_loop_batch(
+            rig.vr.vq, ffi.NULL, rig.mem.table, 1, 12, 64, scratch, tb, rb, ffi.NULL, 0
+        )
         assert rc < 0
         assert rig.vr.vq.broken == 1
         r, w = os.pipe()
         try:
-            rc2 = lib.tn_tx_to_fd(rig.vr.vq, rig.mem.table, w, 12, 64, tb)
+            rc2 = lib.tn_tx_to_fd(rig.vr.vq, rig.mem.table, w, 12, 64, tb, ffi.NULL, 0)
             assert rc2 < 0
         finally:
             os.close(r)

@@ -44,6 +44,7 @@ class PairContext:
     scratch: Any  # struct tn_scratch *, this pair's own
     mtu: int
     on_broken: Callable[[Vring, RingError], None]
+    flows: Any = None  # struct tn_flows * shared by the VM's pairs, or NULL
 
     @property
     def hdr_len(self) -> int:
@@ -118,10 +119,13 @@ async def loop_pair(ctx: PairContext, rx_on: bool) -> None:
     rb = ffi.new("struct tn_batch *")
     rx_vq = rx.vq if rx_on else ffi.NULL
     hdr, mrg, table = ctx.hdr_len, ctx.mrg, ctx.mem.table
+    flows = ctx.flows if ctx.flows is not None else ffi.NULL
     while True:
         tx.disable_notify()
         while True:
-            rc = lib.tn_loop_batch(tx.vq, rx_vq, table, mrg, hdr, BATCH, ctx.scratch, tb, rb)
+            rc = lib.tn_loop_batch(
+                tx.vq, rx_vq, table, mrg, hdr, BATCH, ctx.scratch, tb, rb, flows, ctx.index
+            )
             tx.check(rc)
             ctx.counters.add_tx(tb)
             ctx.counters.add_rx(rb)
@@ -148,10 +152,11 @@ async def tap_tx(ctx: PairContext, fd: int) -> None:
     vr = ctx.tx
     b = ffi.new("struct tn_batch *")
     hdr, table = ctx.hdr_len, ctx.mem.table
+    flows = ctx.flows if ctx.flows is not None else ffi.NULL
     while True:
         vr.disable_notify()
         while True:
-            rc = lib.tn_tx_to_fd(vr.vq, table, fd, hdr, BATCH, b)
+            rc = lib.tn_tx_to_fd(vr.vq, table, fd, hdr, BATCH, b, flows, ctx.index)
             vr.check(rc)
             ctx.counters.add_tx(b)
             if rc:

@@ -21,8 +21,11 @@ import trio
 
 from trionet.errors import ProtocolError, RemoteProtocolError, RingError
 from trionet.net import features as F
+from trionet.net.control import GUEST_OFFLOAD_BITS, ControlState, Outcome
+from trionet.net.flows import FlowTable
 from trionet.net.multiqueue import ActivePairPolicy
 from trionet.native import ffi
+from trionet.service.control_task import ApplyError, run_control
 from trionet.service.counters import PairCounters
 from trionet.service.datapath import PairContext, run_pair
 from trionet.service.state import StateFile
@@ -74,7 +77,11 @@ class Session:
         self.proto = BackendProtocol(max_pairs=max_pairs, offered_features=offered)
         self.decoder = RequestDecoder()
         self.counters = counters or [PairCounters() for _ in range(max_pairs)]
-        self.slots = [PairSlot() for _ in range(max_pairs)]
+        # one slot per queue pair, and the last one for the control queue
+        self.slots = [PairSlot() for _ in range(max_pairs + 1)]
+        self.flows = FlowTable()
+        self.control = ControlState(0, max_pairs)
+        self.control_counters = PairCounters()
         self._scratch: list[Any] = [None] * max_pairs
         restore = state.restore_target(max_pairs) if state is not None else None
         self.policy = ActivePairPolicy(max_pairs, restore_target=restore)
@@ -180,11 +187,23 @@ class Session:
     async def _device_events(self, ev: Any) -> None:
         for cause in ev.resets:
             self._activated = False
-            await self.apply_active_pairs(self.policy.activation_target(), f"device reset ({cause})")
+            try:
+                await self.apply_active_pairs(
+                    self.policy.activation_target(), f"device reset ({cause})"
+                )
+            except ApplyError as exc:
+                log.error("device reset: %s", exc)
+        if ev.features_set:
+            self.control = ControlState(self.proto.features, self.max_pairs)
         if ev.features_set and not self._activated:
             self._activated = True
             self.backend.set_features(self.proto.features)
-            await self.apply_active_pairs(self.policy.activation_target(), "driver negotiated features")
+            try:
+                await self.apply_active_pairs(
+                    self.policy.activation_target(), "driver negotiated features"
+                )
+            except ApplyError as exc:
+                log.error("activation: %s", exc)
         elif ev.features_set:
             self.backend.set_features(self.proto.features)
         if ev.enable_changes:
@@ -194,7 +213,10 @@ class Session:
                 [vr[2 * p + 1].enabled for p in range(self.max_pairs)],
             )
             idx, on = ev.enable_changes[-1]
-            await self.apply_active_pairs(n, f"SET_VRING_ENABLE {idx}={int(on)}")
+            try:
+                await self.apply_active_pairs(n, f"SET_VRING_ENABLE {idx}={int(on)}")
+            except ApplyError as exc:
+                log.error("SET_VRING_ENABLE: %s", exc)
         if ev.mtu is not None:
             self.mtu = ev.mtu
             self.reconcile(force=True)
@@ -207,17 +229,37 @@ class Session:
         if n == self.active_pairs and self.active_changes:
             return
         old = self.active_pairs
-        await self.backend.set_active_pairs(n)
+        try:
+            await self.backend.set_active_pairs(n)
+        except Exception as exc:  # the backend's own error type; all mean "not applied"
+            raise ApplyError(f"{self.backend.name} cannot apply {n} active pairs: {exc}") from exc
         self.active_pairs = n
         self.active_changes.append((n, cause))
-        log.info("active queue pairs %d -> %d (%s)", old, n, cause)
+        moved = self.flows.rehome(n)
+        log.info("active queue pairs %d -> %d (%s); %d flows re-homed", old, n, cause, moved)
         if self.state is not None:
             self.state.record(active_pairs=n, max_pairs=self.max_pairs)
         self.reconcile()
 
+    async def apply_control(self, outcome: Outcome) -> None:
+        """What a control-queue command asks of the host side."""
+        if outcome.set_pairs is not None:
+            await self.apply_active_pairs(outcome.set_pairs, "VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET")
+        if outcome.guest_offloads is not None:
+            features = (self.proto.features & ~GUEST_OFFLOAD_BITS) | outcome.guest_offloads
+            try:
+                self.backend.set_features(features)
+            except Exception as exc:
+                raise ApplyError(f"guest offloads {outcome.guest_offloads:#x}: {exc}") from exc
+
     # ---- pair tasks ---------------------------------------------------------------
 
     def pair_key(self, p: int) -> tuple[Any, ...] | None:
+        if p == self.max_pairs:
+            ctrl = self.proto.vrings[2 * p]
+            if not ctrl.runnable or len(self.proto.memory) == 0:
+                return None
+            return (ctrl.generation, self.proto.memory.generation, self.proto.features)
         rx, tx = self.proto.vrings[2 * p], self.proto.vrings[2 * p + 1]
         if not (rx.runnable or tx.runnable) or len(self.proto.memory) == 0:
             return None
@@ -252,7 +294,8 @@ class Session:
             self._nursery.start_soon(self._pair_task, p, scope, prev, slot.done)
 
     def _attach_pair(self, p: int) -> bool:
-        for vr in (self.proto.vrings[2 * p], self.proto.vrings[2 * p + 1]):
+        rings = self.proto.vrings[2 * p : 2 * p + 2]
+        for vr in rings:
             if not vr.runnable:
                 continue
             try:
@@ -268,6 +311,9 @@ class Session:
         try:
             with scope:
                 await prev.wait()
+                if p == self.max_pairs:
+                    await self._control_task()
+                    return
                 if self._scratch[p] is None:
                     self._scratch[p] = ffi.new("struct tn_scratch *")
                 ctx = PairContext(
@@ -280,12 +326,28 @@ class Session:
                     scratch=self._scratch[p],
                     mtu=self.mtu,
                     on_broken=self.ring_broken,
+                    flows=self.flows.c,
                 )
                 tap_fd = self._tap_fd(p)
                 await run_pair(ctx, active=p < self.active_pairs, tap_fd=tap_fd)
                 await trio.sleep_forever()
         finally:
             done.set()
+
+    async def _control_task(self) -> None:
+        vr = self.proto.vrings[2 * self.max_pairs]
+        ctx = PairContext(
+            index=self.max_pairs,
+            rx=vr,
+            tx=vr,
+            mem=self.proto.memory,
+            features=self.proto.features,
+            counters=self.control_counters,
+            scratch=None,
+            mtu=self.mtu,
+            on_broken=self.ring_broken,
+        )
+        await run_control(ctx, vr, self.proto.memory, self.control, self.apply_control)
 
     def _tap_fd(self, p: int) -> int | None:
         queue_fd = getattr(self.backend, "queue_fd", None)
@@ -311,6 +373,13 @@ class Session:
             "features": F.names(self.proto.features),
             "device_status": self.proto.status,
             "active_changes": [{"count": n, "cause": c} for n, c in self.active_changes[-20:]],
+            "flows": self.flows.stats(),
+            "control": {
+                "rx_mode": self.control.rx_mode,
+                "mac": self.control.mac.hex(":") if self.control.mac else None,
+                "errors": self.control.errors,
+                "ring": _ring_status(vr[2 * self.max_pairs]),
+            },
             "pairs": [
                 {
                     "index": p,
