@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.e2e.guest import (
-    Guest,
-    boot_guest,
-    ensure_guest_image,
-    network_namespace,
-    prerequisite_problems,
-    sh,
-)
+from tests.e2e.guest import Guest, boot_guest, ensure_guest_image, prerequisite_problems
+from tests.e2e.hostnet import network_namespace, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 

@@ -22,15 +22,11 @@ import trio
 from tests.e2e.guest import (
     Guest,
     GuestError,
-    Trionet,
     boot_guest,
     ensure_guest_image,
-    network_namespace,
     prerequisite_problems,
-    sh,
-    trionet_service,
-    wait_for_link,
 )
+from tests.e2e.hostnet import Trionet, network_namespace, sh, trionet_service, wait_for_link
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -52,19 +48,10 @@ async def host_httpd(netns: str, root: Path, port: int, probe: str) -> AsyncIter
             while True:
                 if proc.poll() is not None:
                     raise GuestError(f"busybox httpd exited with status {proc.returncode}")
-                argv = [
-                    "ip",
-                    "netns",
-                    "exec",
-                    netns,
-                    "busybox",
-                    "wget",
-                    "-q",
-                    "-O",
-                    "/dev/null",
-                    url,
-                ]
-                res = await trio.run_process(argv, check=False, capture_stderr=True)
+                argv = ["ip", "netns", "exec", netns, "busybox", "wget", "-q", "-O-", url]
+                res = await trio.run_process(
+                    argv, check=False, capture_stdout=True, capture_stderr=True
+                )
                 if res.returncode == 0:
                     break
                 await trio.sleep(0.1)

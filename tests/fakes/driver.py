@@ -127,6 +127,16 @@ class DriverQueue:
         self.buffers[head] = [(g, n) for g, n, _ in bufs]
         return head
 
+    def add_command(self, command: bytes) -> tuple[int, int]:
+        """A control-queue chain: the command (readable) then a 1-byte ack (writable).
+        Returns (head, gpa of the ack byte)."""
+        cmd = self.ram.alloc(max(len(command), 1))
+        self.ram.write(cmd, command)
+        ack = self.ram.alloc(1)
+        self.ram.write(ack, b"\xff")
+        head = self._add([(cmd, len(command), 0), (ack, 1, DESC_F_WRITE)], False)
+        return head, ack
+
     def _add(self, bufs: list[tuple[int, int, int]], indirect: bool) -> int:
         if indirect:
             table = self.ram.alloc(16 * len(bufs), 16)

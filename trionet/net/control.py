@@ -60,6 +60,7 @@ class ControlState:
     multicast: list[bytes] = field(default_factory=list)
     mac_table_overflow: bool = False
     guest_offloads: int | None = None
+    pairs_set: int | None = None  # the count the control queue last applied
     errors: int = 0
 
     def handle(self, readable: bytes) -> tuple[int, Outcome]:

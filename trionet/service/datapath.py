@@ -98,13 +98,14 @@ async def _guarded(ctx: PairContext, vr: Vring, loop: Callable[[], Any]) -> None
         pass  # an fd we waited on was replaced; the session restarts us
 
 
-async def discard_tx(ctx: PairContext) -> None:
-    """A started but disabled TX ring: process and discard, no side effects."""
+async def discard_tx(ctx: PairContext, reason: str) -> None:
+    """A started TX ring that may not carry traffic (disabled, or its pair is
+    outside the active count): process and discard, no side effects."""
     vr = ctx.tx
     while True:
         while (chain := vr.pop(ctx.mem, DEVICE_READS)) is not None:
             vr.push(chain.head, 0)
-            ctx.counters.drops["tx_ring_disabled"] += 1
+            ctx.counters.drops[reason] += 1
         vr.publish()
         notify(ctx, vr)
         if vr.enable_notify():
@@ -211,7 +212,8 @@ async def run_pair(ctx: PairContext, *, active: bool, tap_fd: int | None) -> Non
     rx_live = ctx.rx.runnable and ctx.rx.enabled and active
     async with trio.open_nursery() as nursery:
         if tx_on and not tx_live:
-            nursery.start_soon(_guarded, ctx, ctx.tx, lambda: discard_tx(ctx))
+            reason = "tx_pair_inactive" if ctx.tx.enabled else "tx_ring_disabled"
+            nursery.start_soon(_guarded, ctx, ctx.tx, lambda: discard_tx(ctx, reason))
         elif tap_fd is None and tx_live:
             nursery.start_soon(_guarded, ctx, ctx.tx, lambda: loop_pair(ctx, rx_live))
         elif tap_fd is not None:

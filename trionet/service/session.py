@@ -89,6 +89,7 @@ class Session:
         self.active_changes: list[tuple[int, str]] = []
         self._nursery: trio.Nursery | None = None
         self._activated = False
+        self._activation_pairs = 1
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -187,10 +188,9 @@ class Session:
     async def _device_events(self, ev: Any) -> None:
         for cause in ev.resets:
             self._activated = False
+            self._activation_pairs = self.policy.activation_target()
             try:
-                await self.apply_active_pairs(
-                    self.policy.activation_target(), f"device reset ({cause})"
-                )
+                await self.apply_active_pairs(self._activation_pairs, f"device reset ({cause})")
             except ApplyError as exc:
                 log.error("device reset: %s", exc)
         if ev.features_set:
@@ -198,15 +198,16 @@ class Session:
         if ev.features_set and not self._activated:
             self._activated = True
             self.backend.set_features(self.proto.features)
+            self._activation_pairs = self.policy.activation_target()
             try:
-                await self.apply_active_pairs(
-                    self.policy.activation_target(), "driver negotiated features"
-                )
+                await self.apply_active_pairs(self._activation_pairs, "driver negotiated features")
             except ApplyError as exc:
                 log.error("activation: %s", exc)
         elif ev.features_set:
             self.backend.set_features(self.proto.features)
-        if ev.enable_changes:
+        if ev.enable_changes and self.proto.vrings[2 * self.max_pairs].started:
+            log.debug("SET_VRING_ENABLE: the control queue is ours, it sets the pair count")
+        elif ev.enable_changes:
             vr = self.proto.vrings
             n = self.policy.count_from_enables(
                 [vr[2 * p].enabled for p in range(self.max_pairs)],
@@ -244,6 +245,7 @@ class Session:
     async def apply_control(self, outcome: Outcome) -> None:
         """What a control-queue command asks of the host side."""
         if outcome.set_pairs is not None:
+            self.control.pairs_set = outcome.set_pairs
             await self.apply_active_pairs(outcome.set_pairs, "VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET")
         if outcome.guest_offloads is not None:
             features = (self.proto.features & ~GUEST_OFFLOAD_BITS) | outcome.guest_offloads
@@ -336,6 +338,11 @@ class Session:
 
     async def _control_task(self) -> None:
         vr = self.proto.vrings[2 * self.max_pairs]
+        if self.control.pairs_set is None:
+            # handed the control queue: the driver sets the pair count from now on,
+            # starting from the activation's (what SET_VRING_ENABLE said no longer counts)
+            self.control.pairs_set = self._activation_pairs
+            await self.apply_active_pairs(self._activation_pairs, "control queue handed over")
         ctx = PairContext(
             index=self.max_pairs,
             rx=vr,

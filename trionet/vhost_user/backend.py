@@ -242,6 +242,8 @@ class BackendProtocol:
         self._retire(vr.kick_fd)
         vr.kick_fd = None
         vr.kick_nofd = False
+        if not any(v.started for v in self.vrings):
+            self.events.resets.append("GET_VRING_BASE on every ring")
         return m.encode_reply_vring_state(Request.GET_VRING_BASE, req.index, base)
 
     def _set_vring_kick(self, req: m.SetVringKick) -> None:
