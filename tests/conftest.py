@@ -25,8 +25,9 @@ def ram() -> AsyncIterator[GuestRam]:
 @pytest.fixture
 async def loop_service(tmp_path: Path) -> AsyncIterator[Service]:
     logging.getLogger("trionet").setLevel(logging.DEBUG)
-    config = ServiceConfig(queue_pairs=4, socket_path=tmp_path / "vhost.sock",
-                           control_socket=tmp_path / "control.sock")
+    config = ServiceConfig(
+        queue_pairs=4, socket_path=tmp_path / "vhost.sock", control_socket=tmp_path / "control.sock"
+    )
     service = Service(config, LoopBackend(config.queue_pairs))
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)

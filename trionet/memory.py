@@ -8,6 +8,7 @@ only once every new region is mapped, so a failure leaves the old table whole.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -49,7 +50,9 @@ def _check_spec(spec: RegionSpec) -> None:
         raise RemoteProtocolError(f"memory region at {spec.guest_addr:#x} has size 0")
     for name, start in (("guest", spec.guest_addr), ("user", spec.user_addr)):
         if start + spec.size - 1 > _U64:
-            raise RemoteProtocolError(f"memory region {name} range {start:#x}+{spec.size:#x} overflows")
+            raise RemoteProtocolError(
+                f"memory region {name} range {start:#x}+{spec.size:#x} overflows"
+            )
     if spec.mmap_offset + spec.size - 1 > _U64:
         raise RemoteProtocolError("memory region mmap offset overflows")
 
@@ -204,7 +207,5 @@ class GuestMemory:
 
 def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 try:
     from trionet._native import ffi, lib
 except ImportError as exc:  # pragma: no cover - only without a build
@@ -13,9 +11,6 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 __all__ = ["ffi", "lib", "strerror"]
-
-ffi: Any
-lib: Any
 
 
 def strerror(code: int) -> str:

@@ -98,6 +98,7 @@ async def trionet_service(
     argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "trionet"]
     argv += ["--socket-path", str(socket_path), "--backend", "tap", "--tap", tap]
     argv += ["--queue-pairs", str(queue_pairs), *extra_args]
+    socket_path.unlink(missing_ok=True)  # a stale socket would look like a ready service
     with log_path.open("wb") as out:
         proc = await trio.lowlevel.open_process(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=str(REPO)

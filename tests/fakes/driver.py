@@ -149,7 +149,9 @@ class DriverQueue:
             ids = [self._free.pop(0) for _ in bufs]
             for k, (i, (gpa, n, fl)) in enumerate(zip(ids, bufs, strict=True)):
                 last = k + 1 == len(ids)
-                self.set_desc(i, gpa, n, fl | (0 if last else DESC_F_NEXT), 0 if last else ids[k + 1])
+                self.set_desc(
+                    i, gpa, n, fl | (0 if last else DESC_F_NEXT), 0 if last else ids[k + 1]
+                )
             head = ids[0]
         self.publish_head(head)
         return head

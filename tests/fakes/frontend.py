@@ -22,11 +22,18 @@ from trionet.vhost_user import messages as m
 from trionet.vhost_user.constants import ProtocolFeature
 
 DEFAULT_PROTOCOL = int(
-    ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
 )
 DRIVER_FEATURES = F.mask(
-    F.VERSION_1, F.RING_INDIRECT_DESC, F.RING_EVENT_IDX, F.MRG_RXBUF, F.MQ, F.CTRL_VQ,
+    F.VERSION_1,
+    F.RING_INDIRECT_DESC,
+    F.RING_EVENT_IDX,
+    F.MRG_RXBUF,
+    F.MQ,
+    F.CTRL_VQ,
     F.VHOST_USER_PROTOCOL_FEATURES,
 )
 
@@ -80,8 +87,9 @@ class Frontend:
         """Send with NEED_REPLY; returns the REPLY_ACK value (0 = success)."""
         return await self.u64(type(req)(**{**_fields(req), "need_reply": True}))
 
-    async def negotiate(self, features: int = DRIVER_FEATURES,
-                        protocol: int = DEFAULT_PROTOCOL) -> int:
+    async def negotiate(
+        self, features: int = DRIVER_FEATURES, protocol: int = DEFAULT_PROTOCOL
+    ) -> int:
         offered = await self.u64(m.GetFeatures())
         await self.send(m.SetOwner())
         if offered & F.bit(F.VHOST_USER_PROTOCOL_FEATURES):
@@ -89,23 +97,31 @@ class Frontend:
             self.protocol_features = pf & protocol
             await self.send(m.SetProtocolFeatures(features=self.protocol_features))
         await self.send(m.SetFeatures(features=features & offered))
-        region = m.MemRegion(guest_addr=self.ram.base, size=self.ram.size,
-                             user_addr=self.ram.uva, mmap_offset=0)
+        region = m.MemRegion(
+            guest_addr=self.ram.base, size=self.ram.size, user_addr=self.ram.uva, mmap_offset=0
+        )
         await self.send(m.SetMemTable(regions=(region,), fds=(self.ram.fd,)))
         return offered
 
-    async def setup_vring(self, index: int, size: int = 256, enable: bool = True,
-                          base: int = 0) -> DriverQueue:
+    async def setup_vring(
+        self, index: int, size: int = 256, enable: bool = True, base: int = 0
+    ) -> DriverQueue:
         q = DriverQueue(self.ram, size)
         self.queues[index] = q
         ram = self.ram
         await self.send(m.SetVringNum(index=index, num=size))
         await self.send(m.SetVringBase(index=index, num=base))
         q.avail_idx = q.last_used = base
-        await self.send(m.SetVringAddr(
-            index=index, flags=0, desc_user_addr=q.desc - ram.base + ram.uva,
-            used_user_addr=q.used - ram.base + ram.uva,
-            avail_user_addr=q.avail - ram.base + ram.uva, log_guest_addr=0))
+        await self.send(
+            m.SetVringAddr(
+                index=index,
+                flags=0,
+                desc_user_addr=q.desc - ram.base + ram.uva,
+                used_user_addr=q.used - ram.base + ram.uva,
+                avail_user_addr=q.avail - ram.base + ram.uva,
+                log_guest_addr=0,
+            )
+        )
         self.calls[index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.kicks[index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.errs[index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

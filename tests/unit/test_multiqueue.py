@@ -53,8 +53,9 @@ def looped(fe: Frontend, pair: int) -> int:
 
 @asynccontextmanager
 async def running(tmp_path: Path, **kw: object) -> AsyncIterator[Service]:
-    config = ServiceConfig(queue_pairs=PAIRS, socket_path=tmp_path / "s.sock",
-                           control_socket=tmp_path / "c.sock", **kw)  # type: ignore[arg-type]
+    config = ServiceConfig(
+        queue_pairs=PAIRS, socket_path=tmp_path / "s.sock", control_socket=tmp_path / "c.sock", **kw
+    )  # type: ignore[arg-type]
     service = Service(config, LoopBackend(PAIRS))
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
@@ -140,8 +141,14 @@ async def test_control_queue_sets_pairs(tmp_path: Path, ram: GuestRam) -> None:
         await send_on_pair(fe, 2, udp_frame(2001))
         assert looped(fe, 2) == 1
         # invalid: 0 pairs, more than max, short, unknown class, VLAN (not offered)
-        for bad in (bytes([4, 0, 0, 0]), bytes([4, 0, 5, 0]), bytes([4, 0, 1]), bytes([9, 9]),
-                    bytes([2, 0, 1, 0]), b"\x04"):
+        for bad in (
+            bytes([4, 0, 0, 0]),
+            bytes([4, 0, 5, 0]),
+            bytes([4, 0, 1]),
+            bytes([9, 9]),
+            bytes([2, 0, 1, 0]),
+            b"\x04",
+        ):
             assert await command(bad) == 1, bad
         assert s.active_pairs == 4
         assert await command(bytes([4, 0]) + struct.pack("<H", 2)) == 0
@@ -150,8 +157,13 @@ async def test_control_queue_sets_pairs(tmp_path: Path, ram: GuestRam) -> None:
         assert s.control.rx_mode["promisc"] is True
         assert await command(bytes([1, 1]) + bytes.fromhex("525400abcdef")) == 0
         assert s.control.mac == bytes.fromhex("525400abcdef")
-        assert await command(bytes([1, 0]) + struct.pack("<I", 1) + bytes(6) + struct.pack("<I", 0)) == 0
-        assert await command(bytes([1, 0]) + struct.pack("<I", 3) + bytes(6)) == 1  # truncated table
+        assert (
+            await command(bytes([1, 0]) + struct.pack("<I", 1) + bytes(6) + struct.pack("<I", 0))
+            == 0
+        )
+        assert (
+            await command(bytes([1, 0]) + struct.pack("<I", 3) + bytes(6)) == 1
+        )  # truncated table
 
 
 async def test_restart_cold_recorded_and_legacy(tmp_path: Path, ram: GuestRam) -> None:
@@ -220,6 +232,7 @@ async def test_flows_follow_pair_and_are_rehomed(tmp_path: Path, ram: GuestRam) 
         assert s.active_pairs == 3
         assert s.flows.lookup(flow) == flow % 3  # re-homed, not dropped
         # host-side flows never seen before spread over the active pairs
-        pairs = {s.flows.pair_for(s.flows.hash_frame(udp_frame(5000 + i), 12), 3)
-                 for i in range(64)}
+        pairs = {
+            s.flows.pair_for(s.flows.hash_frame(udp_frame(5000 + i), 12), 3) for i in range(64)
+        }
         assert pairs == {0, 1, 2}

@@ -114,7 +114,10 @@ def test_rx_put_with_mergeable_buffers_spans_chains(rig: Rig) -> None:
         rig.q.add_rx(1000)
     scratch = ffi.new("struct tn_scratch *")
     frame = bytes(12) + bytes(range(256)) * 10  # 2572 bytes: three 1000-byte buffers
-    assert rig.vr.check(lib.tn_rx_put(rig.vr.vq, rig.mem.table, 1, 12, frame, len(frame), scratch)) == 1
+    assert (
+        rig.vr.check(lib.tn_rx_put(rig.vr.vq, rig.mem.table, 1, 12, frame, len(frame), scratch))
+        == 1
+    )
     used = rig.q.take_used()
     assert [u.length for u in used] == [1000, 1000, 572]
     data = b"".join(rig.q.read_rx(u) for u in used)
@@ -192,9 +195,20 @@ def _hostile(rig: Rig, build: str) -> None:
 
 
 HOSTILE = [
-    "loop", "self_loop", "head_out_of_range", "next_out_of_range", "addr_outside_memory",
-    "addr_wraps", "write_in_tx", "read_after_write", "indirect_nested", "indirect_bad_len",
-    "indirect_with_next", "indirect_loop", "indirect_table_outside", "avail_jump",
+    "loop",
+    "self_loop",
+    "head_out_of_range",
+    "next_out_of_range",
+    "addr_outside_memory",
+    "addr_wraps",
+    "write_in_tx",
+    "read_after_write",
+    "indirect_nested",
+    "indirect_bad_len",
+    "indirect_with_next",
+    "indirect_loop",
+    "indirect_table_outside",
+    "avail_jump",
 ]
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 
 class LoopBackend:
-    name = "loop"
+    @property
+    def name(self) -> str:
+        return "loop"
 
     def __init__(self, queue_pairs: int) -> None:
         self.queue_pairs = queue_pairs

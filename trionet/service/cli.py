@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 from trionet.service.server import ConfigError, Service, ServiceConfig, read_status
+from trionet.service.session import HostBackend
 
 MAX_PAIRS = 16
 
@@ -27,24 +28,34 @@ def _pairs(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trionet",
-        description="vhost-user virtio-net backend: serves one VM's network on up to 16 queue pairs.",
+        description="vhost-user virtio-net backend: one VM's network on up to 16 queue pairs.",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket-path", type=Path, help="listen on this UNIX socket path")
     where.add_argument("--fd", type=int, help="serve an already-listening UNIX socket fd")
     where.add_argument("--connect", type=Path, help="connect to a VMM that listens here")
-    p.add_argument("--print-capabilities", action="store_true",
-                   help="print the backend's capabilities as JSON and exit")
-    p.add_argument("--backend", choices=("tap", "loop"), default="tap",
-                   help="host side: a multi-queue tap, or loop frames back (tests)")
+    p.add_argument(
+        "--print-capabilities",
+        action="store_true",
+        help="print the backend's capabilities as JSON and exit",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("tap", "loop"),
+        default="tap",
+        help="host side: a multi-queue tap, or loop frames back (tests)",
+    )
     p.add_argument("--tap", default="trionet0", help="tap device to attach to or create")
-    p.add_argument("--queue-pairs", type=_pairs, default=MAX_PAIRS,
-                   help="queue pairs offered to the guest (1..16, default 16)")
+    p.add_argument(
+        "--queue-pairs",
+        type=_pairs,
+        default=MAX_PAIRS,
+        help="queue pairs offered to the guest (1..16, default 16)",
+    )
     p.add_argument("--mtu", type=int, default=1500, help="MTU of the guest link")
     p.add_argument("--state-file", type=Path, help="record state here to survive a restart")
     p.add_argument("--control-socket", type=Path, help="serve status JSON on this UNIX socket")
-    p.add_argument("--log-level", default="info",
-                   choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
 
@@ -62,6 +73,7 @@ async def _main(args: argparse.Namespace) -> None:
         state_file=args.state_file,
         mtu=args.mtu,
     )
+    backend: HostBackend
     if args.backend == "loop":
         from trionet.backends.loop import LoopBackend
 
@@ -90,7 +102,9 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
 
 
 def status_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="trionet status", description="print a running trionet's status")
+    p = argparse.ArgumentParser(
+        prog="trionet status", description="print a running trionet's status"
+    )
     p.add_argument("--control-socket", type=Path, required=True)
     args = p.parse_args(argv)
     try:

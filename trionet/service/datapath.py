@@ -18,8 +18,8 @@ import trio
 
 from trionet.errors import RingError
 from trionet.memory import GuestMemory
-from trionet.net import features as F
 from trionet.native import ffi, lib
+from trionet.net import features as F
 from trionet.service.counters import PairCounters
 from trionet.virtq.vring import DEVICE_READS, Vring
 
@@ -56,9 +56,7 @@ class PairContext:
 
     def rx_room_needed(self) -> int:
         """RX room to have before taking a frame from the host side."""
-        gso = any(
-            F.has(self.features, b) for b in (F.GUEST_TSO4, F.GUEST_TSO6, F.GUEST_UFO)
-        )
+        gso = any(F.has(self.features, b) for b in (F.GUEST_TSO4, F.GUEST_TSO6, F.GUEST_UFO))
         return self.hdr_len + (65535 + 18 if gso else self.mtu + 18)
 
 

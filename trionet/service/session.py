@@ -11,6 +11,7 @@ retires are closed only after ``notify_closing`` woke their waiters.
 from __future__ import annotations
 
 import array
+import contextlib
 import logging
 import os
 import socket
@@ -20,11 +21,11 @@ from typing import Any, Protocol
 import trio
 
 from trionet.errors import ProtocolError, RemoteProtocolError, RingError
+from trionet.native import ffi
 from trionet.net import features as F
 from trionet.net.control import GUEST_OFFLOAD_BITS, ControlState, Outcome
 from trionet.net.flows import FlowTable
 from trionet.net.multiqueue import ActivePairPolicy
-from trionet.native import ffi
 from trionet.service.control_task import ApplyError, run_control
 from trionet.service.counters import PairCounters
 from trionet.service.datapath import PairContext, run_pair
@@ -40,8 +41,13 @@ RECV_SIZE = 65536
 
 
 class HostBackend(Protocol):
-    name: str
+    """What a host-side backend gives a session (tap, loop, a test's fake)."""
 
+    @property
+    def name(self) -> str: ...
+
+    async def open(self) -> None: ...
+    async def aclose(self) -> None: ...
     def offered_features(self) -> int: ...
     def set_features(self, features: int) -> None: ...
     async def set_active_pairs(self, n: int) -> None: ...
@@ -407,7 +413,5 @@ def _ring_status(vr: Vring) -> dict[str, Any]:
 
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass

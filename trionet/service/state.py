@@ -48,8 +48,11 @@ class StateFile:
             return None
         count = self.loaded.get("active_pairs")
         if not isinstance(count, int) or isinstance(count, bool):
-            log.info("state file %s has no active pair count: legacy restore, all %d pairs",
-                     self.path, max_pairs)
+            log.info(
+                "state file %s has no active pair count: legacy restore, all %d pairs",
+                self.path,
+                max_pairs,
+            )
             return max_pairs
         restored = max(1, min(count, max_pairs))
         log.info("state file %s: restart, restoring %d active pairs", self.path, restored)

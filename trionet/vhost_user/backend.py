@@ -20,9 +20,9 @@ from typing import Any
 from trionet.errors import LocalProtocolError, RemoteProtocolError
 from trionet.memory import MAX_REGIONS, GuestMemory, RegionSpec
 from trionet.net import features as F
-from trionet.virtq.vring import RingAddresses, Vring
 from trionet.vhost_user import messages as m
 from trionet.vhost_user.constants import ProtocolFeature, Request
+from trionet.virtq.vring import RingAddresses, Vring
 
 log = logging.getLogger(__name__)
 

@@ -113,7 +113,9 @@ class Vring:
             raise RingError(f"vring {self.index}: {exc}") from None
         vq = self.vq
         if lib.tn_vq_setup(vq, mem.table, self.num, desc, avail, used) < 0:
-            raise RingError(f"vring {self.index}: ring of size {self.num} lies outside guest memory")
+            raise RingError(
+                f"vring {self.index}: ring of size {self.num} lies outside guest memory"
+            )
         vq.event_idx = 1 if features >> VIRTIO_RING_F_EVENT_IDX & 1 else 0
         vq.indirect = 1 if features >> VIRTIO_RING_F_INDIRECT_DESC & 1 else 0
         vq.last_avail = self.base
