@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -228,7 +229,23 @@ class Session:
             self.mtu = ev.mtu
             self.reconcile(force=True)
         if ev.rarp is not None:
-            log.info("SEND_RARP for %s", ev.rarp.hex(":"))
+            self._announce(ev.rarp)
+
+    def _announce(self, mac: bytes) -> None:
+        """SEND_RARP: broadcast a RARP for the guest's MAC on the host side, so
+        switches learn where the (migrated) guest now is."""
+        fd = self._tap_fd(0)
+        if fd is None:
+            log.info("SEND_RARP for %s: no host link to announce on", mac.hex(":"))
+            return
+        rarp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4))
+        frame = bytes(12) + b"\xff" * 6 + mac + b"\x80\x35" + rarp
+        frame += bytes(12 + 60 - len(frame))
+        try:
+            os.write(fd, frame)
+            log.info("SEND_RARP: announced %s", mac.hex(":"))
+        except OSError as exc:
+            log.warning("SEND_RARP for %s: %s", mac.hex(":"), exc)
 
     async def apply_active_pairs(self, n: int, cause: str) -> None:
         """The one operation that changes how many pairs carry traffic."""
