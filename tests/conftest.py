@@ -22,11 +22,15 @@ def ram() -> AsyncIterator[GuestRam]:
     r.close()
 
 
-@pytest.fixture
-async def loop_service(tmp_path: Path) -> AsyncIterator[Service]:
+@pytest.fixture(params=["trio", "threads"])
+async def loop_service(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Service]:
+    """The loop backend served both ways: per-pair Trio loops, and worker threads."""
     logging.getLogger("trionet").setLevel(logging.DEBUG)
     config = ServiceConfig(
-        queue_pairs=4, socket_path=tmp_path / "vhost.sock", control_socket=tmp_path / "control.sock"
+        threads=request.param == "threads",
+        queue_pairs=4,
+        socket_path=tmp_path / "vhost.sock",
+        control_socket=tmp_path / "control.sock",
     )
     service = Service(config, LoopBackend(config.queue_pairs))
     async with trio.open_nursery() as nursery:

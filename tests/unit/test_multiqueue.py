@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.fakes.driver import GuestRam
@@ -33,6 +34,11 @@ def udp_frame(sport: int, dport: int = 9, src: str = "10.0.0.2", dst: str = "10.
     iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, ip(src), ip(dst))
     eth = bytes.fromhex("525400000001525400000002") + b"\x08\x00"
     return bytes(12) + eth + iph + udp
+
+
+@pytest.fixture(params=[False, True], ids=["trio", "threads"])
+def threads(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
 
 
 async def settle() -> None:
@@ -77,8 +83,10 @@ def session_of(service: Service):  # type: ignore[no-untyped-def]
     return service.session
 
 
-async def test_qemu_sequence_boot_ethtool_and_unload(tmp_path: Path, ram: GuestRam) -> None:
-    async with running(tmp_path) as svc, connected(svc, ram) as fe:
+async def test_qemu_sequence_boot_ethtool_and_unload(
+    tmp_path: Path, ram: GuestRam, threads: bool
+) -> None:
+    async with running(tmp_path, threads=threads) as svc, connected(svc, ram) as fe:
         await fe.negotiate(DRIVER_FEATURES & ~F.bit(F.CTRL_VQ))
         for i in range(2 * PAIRS):  # QEMU start: vrings 0-1 enabled, the rest disabled
             await fe.setup_vring(i, enable=i < 2)
@@ -117,8 +125,8 @@ async def test_qemu_sequence_boot_ethtool_and_unload(tmp_path: Path, ram: GuestR
         assert any("GET_VRING_BASE on every ring" in c for c in causes)
 
 
-async def test_control_queue_sets_pairs(tmp_path: Path, ram: GuestRam) -> None:
-    async with running(tmp_path) as svc, connected(svc, ram) as fe:
+async def test_control_queue_sets_pairs(tmp_path: Path, ram: GuestRam, threads: bool) -> None:
+    async with running(tmp_path, threads=threads) as svc, connected(svc, ram) as fe:
         await fe.negotiate(DRIVER_FEATURES | F.bit(F.CTRL_RX) | F.bit(F.CTRL_MAC_ADDR))
         for i in range(2 * PAIRS):
             await fe.setup_vring(i, enable=True)
@@ -166,10 +174,15 @@ async def test_control_queue_sets_pairs(tmp_path: Path, ram: GuestRam) -> None:
         )  # truncated table
 
 
-async def test_restart_cold_recorded_and_legacy(tmp_path: Path, ram: GuestRam) -> None:
+async def test_restart_cold_recorded_and_legacy(
+    tmp_path: Path, ram: GuestRam, threads: bool
+) -> None:
     state = tmp_path / "state.json"
     # cold boot: no state file -> 1 pair, and the count gets recorded
-    async with running(tmp_path, state_file=state) as svc, connected(svc, ram) as fe:
+    async with (
+        running(tmp_path, state_file=state, threads=threads) as svc,
+        connected(svc, ram) as fe,
+    ):
         await fe.negotiate(DRIVER_FEATURES & ~F.bit(F.CTRL_VQ))
         for i in range(2 * 3):
             await fe.setup_vring(i, enable=True)
@@ -177,7 +190,10 @@ async def test_restart_cold_recorded_and_legacy(tmp_path: Path, ram: GuestRam) -
         assert session_of(svc).active_pairs == 3
     assert json.loads(state.read_text())["active_pairs"] == 3
     # restart finding the recorded count: the first activation restores it
-    async with running(tmp_path, state_file=state) as svc, connected(svc, ram) as fe:
+    async with (
+        running(tmp_path, state_file=state, threads=threads) as svc,
+        connected(svc, ram) as fe,
+    ):
         await fe.negotiate(DRIVER_FEATURES & ~F.bit(F.CTRL_VQ))
         await fe.sync()
         s = session_of(svc)
@@ -189,16 +205,24 @@ async def test_restart_cold_recorded_and_legacy(tmp_path: Path, ram: GuestRam) -
         assert s.active_pairs == 1
     # a state file from before the count was recorded: legacy restore, all pairs
     state.write_text(json.dumps({"version": 1}))
-    async with running(tmp_path, state_file=state) as svc, connected(svc, ram) as fe:
+    async with (
+        running(tmp_path, state_file=state, threads=threads) as svc,
+        connected(svc, ram) as fe,
+    ):
         await fe.negotiate(DRIVER_FEATURES & ~F.bit(F.CTRL_VQ))
         await fe.sync()
         assert session_of(svc).active_pairs == PAIRS
 
 
-async def test_restart_with_control_queue_restores_count(tmp_path: Path, ram: GuestRam) -> None:
+async def test_restart_with_control_queue_restores_count(
+    tmp_path: Path, ram: GuestRam, threads: bool
+) -> None:
     state = tmp_path / "state.json"
     state.write_text(json.dumps({"version": 2, "active_pairs": 3}))
-    async with running(tmp_path, state_file=state) as svc, connected(svc, ram) as fe:
+    async with (
+        running(tmp_path, state_file=state, threads=threads) as svc,
+        connected(svc, ram) as fe,
+    ):
         await fe.negotiate(DRIVER_FEATURES | F.bit(F.CTRL_RX))
         for i in range(2 * PAIRS):
             await fe.setup_vring(i, enable=True)
@@ -212,8 +236,10 @@ async def test_restart_with_control_queue_restores_count(tmp_path: Path, ram: Gu
         assert looped(fe, 3) == 0
 
 
-async def test_flows_follow_pair_and_are_rehomed(tmp_path: Path, ram: GuestRam) -> None:
-    async with running(tmp_path) as svc, connected(svc, ram) as fe:
+async def test_flows_follow_pair_and_are_rehomed(
+    tmp_path: Path, ram: GuestRam, threads: bool
+) -> None:
+    async with running(tmp_path, threads=threads) as svc, connected(svc, ram) as fe:
         await fe.negotiate(DRIVER_FEATURES & ~F.bit(F.CTRL_VQ))
         for i in range(2 * PAIRS):
             await fe.setup_vring(i, enable=True)

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtu", type=int, default=1500, help="MTU of the guest link")
     p.add_argument("--state-file", type=Path, help="record state here to survive a restart")
     p.add_argument("--control-socket", type=Path, help="serve status JSON on this UNIX socket")
+    p.add_argument(
+        "--threads",
+        action="store_true",
+        help="serve each queue pair on its own native worker thread (uses up to N cores)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -72,6 +77,7 @@ async def _main(args: argparse.Namespace) -> None:
         control_socket=args.control_socket,
         state_file=args.state_file,
         mtu=args.mtu,
+        threads=args.threads,
     )
     backend: HostBackend
     if args.backend == "loop":

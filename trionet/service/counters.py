@@ -6,6 +6,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from trionet.native import ffi
+
+# struct tn_pair_stats fields folded into the status, by the name they report under
+_NATIVE_DROPS = {
+    "drops_rx_no_buffer": "rx_no_buffer",
+    "drops_tx_bad_frame": "tx_bad_frame",
+    "drops_rx_bad_frame": "rx_bad_frame",
+    "drops_tx_io": "tx_io_error",
+    "drops_rx_io": "rx_io_error",
+}
+
 
 @dataclass
 class PairCounters:
@@ -16,6 +27,8 @@ class PairCounters:
     kicks: int = 0
     notifications: int = 0
     drops: Counter[str] = field(default_factory=Counter)
+    # what the pair's worker thread counts (threaded data path), kept for the pair's life
+    native: Any = field(default_factory=lambda: ffi.new("struct tn_pair_stats *"))
 
     def add_tx(self, b: Any) -> None:
         """Fold a TX ``struct tn_batch`` in (once per batch, not per packet)."""
@@ -37,13 +50,19 @@ class PairCounters:
             self.drops[f"{side}_io_error"] += b.drops_io
 
     def as_dict(self) -> dict[str, Any]:
+        n = self.native
+        drops = Counter(self.drops)
+        for name, reason in _NATIVE_DROPS.items():
+            if value := int(getattr(n, name)):
+                drops[reason] += value
         return {
-            "rx_packets": self.rx_packets,
-            "tx_packets": self.tx_packets,
-            "rx_bytes": self.rx_bytes,
-            "tx_bytes": self.tx_bytes,
-            "kicks": self.kicks,
-            "notifications": self.notifications,
-            "drops": sum(self.drops.values()),
-            "drops_by_reason": dict(self.drops),
+            "rx_packets": self.rx_packets + int(n.rx_packets),
+            "tx_packets": self.tx_packets + int(n.tx_packets),
+            "rx_bytes": self.rx_bytes + int(n.rx_bytes),
+            "tx_bytes": self.tx_bytes + int(n.tx_bytes),
+            "kicks": self.kicks + int(n.kicks),
+            "notifications": self.notifications + int(n.notifications),
+            "batches": int(n.batches),
+            "drops": sum(drops.values()),
+            "drops_by_reason": dict(drops),
         }

@@ -199,7 +199,58 @@ async def tap_rx(ctx: PairContext, fd: int) -> None:
         await trio.lowlevel.checkpoint()
 
 
-async def run_pair(ctx: PairContext, *, active: bool, tap_fd: int | None) -> None:
+_WORKERS = trio.CapacityLimiter(64)
+
+
+def _fd(fd: int | None) -> int:
+    return -1 if fd is None else fd
+
+
+async def run_worker(ctx: PairContext, *, tx_live: bool, rx_live: bool, tap_fd: int | None) -> None:
+    """The pair's live rings served by a native worker thread (GIL released).
+
+    This task owns the thread: it starts it, and on cancellation writes the
+    worker's stop eventfd and waits (shielded) until the thread has returned,
+    so no worker outlives the pair's cancel scope."""
+    io = ffi.new("struct tn_pair_io *")
+    io.tx = ctx.tx.vq if tx_live else ffi.NULL
+    io.rx = ctx.rx.vq if rx_live else ffi.NULL
+    io.mem, io.scratch, io.stats = ctx.mem.table, ctx.scratch, ctx.counters.native
+    io.flows = ctx.flows if ctx.flows is not None else ffi.NULL
+    io.tx_kick, io.tx_call = _fd(ctx.tx.kick_fd), _fd(ctx.tx.call_fd)
+    io.rx_kick, io.rx_call = _fd(ctx.rx.kick_fd), _fd(ctx.rx.call_fd)
+    io.tap_fd = _fd(tap_fd)
+    io.hdr_len, io.need, io.batch = ctx.hdr_len, ctx.rx_room_needed(), BATCH
+    io.pair, io.mrg = ctx.index, ctx.mrg
+    stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    rc = 0
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def stopper() -> None:
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    os.eventfd_write(stop, 1)
+
+            nursery.start_soon(stopper)
+            io.stop_fd = stop
+            with trio.CancelScope(shield=True):
+                rc = await trio.to_thread.run_sync(lib.tn_pair_run, io, limiter=_WORKERS)
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(stop)
+    if rc < 0:
+        vr = ctx.rx if io.error_ring else ctx.tx
+        try:
+            vr.check(rc)
+        except RingError as exc:
+            ctx.on_broken(vr, exc)
+
+
+async def run_pair(
+    ctx: PairContext, *, active: bool, tap_fd: int | None, threaded: bool = False
+) -> None:
     """Serve one queue pair until cancelled.
 
     ``active``: the pair is within the active pair count.  A TX ring that is
@@ -212,6 +263,11 @@ async def run_pair(ctx: PairContext, *, active: bool, tap_fd: int | None) -> Non
         if tx_on and not tx_live:
             reason = "tx_pair_inactive" if ctx.tx.enabled else "tx_ring_disabled"
             nursery.start_soon(_guarded, ctx, ctx.tx, lambda: discard_tx(ctx, reason))
+        if threaded:
+            if tx_live or (rx_live and tap_fd is not None):
+                nursery.start_soon(
+                    lambda: run_worker(ctx, tx_live=tx_live, rx_live=rx_live, tap_fd=tap_fd)
+                )
         elif tap_fd is None and tx_live:
             nursery.start_soon(_guarded, ctx, ctx.tx, lambda: loop_pair(ctx, rx_live))
         elif tap_fd is not None:

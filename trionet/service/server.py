@@ -43,6 +43,7 @@ class ServiceConfig:
     control_socket: Path | None = None
     state_file: Path | None = None
     mtu: int = 1500
+    threads: bool = False  # serve each pair's rings on a native worker thread
 
 
 class Service:
@@ -116,6 +117,7 @@ class Service:
             mtu=self.config.mtu,
             state=state,
             counters=self.counters,
+            threaded=self.config.threads,
         )
         self.session = session
         log.info("VMM connected")

@@ -31,6 +31,7 @@ from trionet.service.control_task import ApplyError, run_control
 from trionet.service.counters import PairCounters
 from trionet.service.datapath import PairContext, run_pair
 from trionet.service.state import StateFile
+from trionet.vhost_user import messages as m
 from trionet.vhost_user.backend import BackendProtocol
 from trionet.vhost_user.codec import RequestDecoder
 from trionet.virtq.vring import Vring
@@ -74,12 +75,14 @@ class Session:
         mtu: int = 1500,
         state: StateFile | None = None,
         counters: list[PairCounters] | None = None,
+        threaded: bool = False,
     ) -> None:
         self.sock = sock
         self.backend = backend
         self.max_pairs = max_pairs
         self.mtu = mtu
         self.state = state
+        self.threaded = threaded
         offered = F.BASE_FEATURES | backend.offered_features()
         self.proto = BackendProtocol(max_pairs=max_pairs, offered_features=offered)
         self.decoder = RequestDecoder()
@@ -169,6 +172,8 @@ class Session:
     async def _handle(self, req: Any) -> bool:
         """Apply one request; False when the connection must close."""
         log.debug("request %s", req)
+        if self.threaded and type(req) in _QUIESCE:
+            await self._stop_pairs()
         try:
             reply = self.proto.handle(req)
         except RemoteProtocolError as exc:
@@ -318,6 +323,18 @@ class Session:
             slot.scope = scope
             self._nursery.start_soon(self._pair_task, p, scope, prev, slot.done)
 
+    async def _stop_pairs(self) -> None:
+        """Stop every pair task (and so its worker thread) and wait until they
+        have: the request about to be applied changes memory or fds a worker
+        may be using.  ``reconcile`` restarts what should run afterwards."""
+        for slot in self.slots[: self.max_pairs]:
+            if slot.scope is not None:
+                slot.scope.cancel()
+                slot.scope = None
+            slot.key = None
+        for slot in self.slots[: self.max_pairs]:
+            await slot.done.wait()
+
     def _attach_pair(self, p: int) -> bool:
         rings = self.proto.vrings[2 * p : 2 * p + 2]
         for vr in rings:
@@ -354,7 +371,9 @@ class Session:
                     flows=self.flows.c,
                 )
                 tap_fd = self._tap_fd(p)
-                await run_pair(ctx, active=p < self.active_pairs, tap_fd=tap_fd)
+                await run_pair(
+                    ctx, active=p < self.active_pairs, tap_fd=tap_fd, threaded=self.threaded
+                )
                 await trio.sleep_forever()
         finally:
             done.set()
@@ -422,6 +441,27 @@ class Session:
                 for p in range(self.max_pairs)
             ],
         }
+
+
+# requests that change guest memory or fds a running worker thread may be using
+_QUIESCE = frozenset(
+    {
+        m.SetMemTable,
+        m.AddMemReg,
+        m.RemMemReg,
+        m.GetVringBase,
+        m.SetVringNum,
+        m.SetVringAddr,
+        m.SetVringBase,
+        m.SetVringKick,
+        m.SetVringCall,
+        m.SetVringErr,
+        m.SetFeatures,
+        m.SetStatus,
+        m.ResetOwner,
+        m.ResetDevice,
+    }
+)
 
 
 def _ring_status(vr: Vring) -> dict[str, Any]:
