@@ -138,14 +138,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s trionet[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("trionet").setLevel(getattr(logging, args.log_level.upper()))
+    problem: ConfigError | None = None
     try:
         trio.run(_main, args)
-    except ConfigError as exc:
-        print(f"trionet: {exc}", file=sys.stderr)
+    except* ConfigError as group:
+        problem = _first(group)
+    except* KeyboardInterrupt:
+        pass
+    if problem is not None:
+        print(f"trionet: {problem}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 0
     return 0
+
+
+def _first(group: BaseExceptionGroup[ConfigError]) -> ConfigError:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, ConfigError)
+    return exc
 
 
 if __name__ == "__main__":
