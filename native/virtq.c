@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "virtq.h"
@@ -367,6 +368,30 @@ int tn_vq_enable_notify(struct tn_vq *vq)
         st16(vq->used, ld16(vq->used) & ~USED_F_NO_NOTIFY);
     full_fence();
     return tn_vq_avail_idx(vq) != vq->last_avail;
+}
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int tn_vq_spin(struct tn_vq *vq, uint32_t ns)
+{
+    if (vq->desc == NULL || vq->broken || ns == 0)
+        return 0;
+    uint64_t end = now_ns() + ns;
+    do {
+        for (int i = 0; i < 64; i++) {
+            if (tn_vq_avail_idx(vq) != vq->last_avail)
+                return 1;
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+    } while (now_ns() < end);
+    return 0;
 }
 
 void tn_vq_disable_notify(struct tn_vq *vq)

@@ -123,6 +123,9 @@ int tn_vq_needs_notify(struct tn_vq *vq);
 int tn_vq_enable_notify(struct tn_vq *vq);
 void tn_vq_disable_notify(struct tn_vq *vq);
 uint16_t tn_vq_used_idx_in_ring(struct tn_vq *vq);
+/* Busy-wait up to ns nanoseconds for the driver to make buffers available
+ * (1: some are, 0: none came).  Saves a sleep/wake round trip under load. */
+int tn_vq_spin(struct tn_vq *vq, uint32_t ns);
 void tn_vq_fail(struct tn_vq *vq, int code, uint64_t detail);
 
 /* copies between a chain and flat memory */

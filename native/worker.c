@@ -71,7 +71,7 @@ static int run_loop(struct tn_pair_io *io)
                 call(io, io->rx, io->rx_call);
             if (io->rx != NULL && io->rx->broken)
                 return fail(io, 1, io->rx->error);
-            if (tb.ring_empty)
+            if (tb.ring_empty && !tn_vq_spin(io->tx, io->spin_ns))
                 break;
         }
         if (tn_vq_enable_notify(io->tx))
@@ -109,7 +109,7 @@ static int run_tap(struct tn_pair_io *io)
             if (rc > 0)
                 call(io, io->tx, io->tx_call);
             tx_blocked = b.fd_blocked;
-            tx_idle = b.ring_empty || b.fd_blocked;
+            tx_idle = b.fd_blocked || (b.ring_empty && !tn_vq_spin(io->tx, io->spin_ns));
         }
         if (io->rx != NULL && !rx_full) {
             int rc = tn_rx_from_fd(io->rx, io->mem, io->tap_fd, io->mrg, io->hdr_len, io->need,

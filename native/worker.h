@@ -42,6 +42,7 @@ struct tn_pair_io {
     uint32_t hdr_len;
     uint32_t need;             /* RX room before taking a frame from the tap */
     uint32_t batch;
+    uint32_t spin_ns;          /* busy-wait this long for more TX before sleeping */
     uint8_t pair;
     uint8_t mrg;
     uint8_t error_ring;        /* 0: tx, 1: rx */
