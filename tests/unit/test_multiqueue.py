@@ -186,6 +186,7 @@ async def test_restart_cold_recorded_and_legacy(
         await fe.negotiate(DRIVER_FEATURES & ~F.bit(F.CTRL_VQ))
         for i in range(2 * 3):
             await fe.setup_vring(i, enable=True)
+        await fe.send(m.SetStatus(status=15))  # DRIVER_OK: the enables count from here
         await fe.sync()
         assert session_of(svc).active_pairs == 3
     assert json.loads(state.read_text())["active_pairs"] == 3
@@ -236,6 +237,32 @@ async def test_restart_with_control_queue_restores_count(
         assert looped(fe, 3) == 0
 
 
+async def test_enables_replayed_before_driver_ok_keep_restored_count(
+    tmp_path: Path, ram: GuestRam, threads: bool
+) -> None:
+    """QEMU reconnecting to a restarted trionet replays each pair's enables before
+    setting up its rings; the restored count must not be undone pair by pair."""
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"version": 2, "active_pairs": 4}))
+    async with (
+        running(tmp_path, state_file=state, threads=threads) as svc,
+        connected(svc, ram) as fe,
+    ):
+        await fe.negotiate(DRIVER_FEATURES & ~F.bit(F.CTRL_VQ))
+        for p in range(PAIRS):
+            for i in (2 * p, 2 * p + 1):
+                await fe.send(m.SetVringEnable(index=i, enable=True))
+            await fe.setup_vring(2 * p, enable=True)
+            await fe.setup_vring(2 * p + 1, enable=True)
+        await fe.sync()
+        s = session_of(svc)
+        assert [n for n, _ in s.active_changes] == [4]
+        await fe.send(m.SetStatus(status=15))
+        await fe.sync()
+        assert [n for n, _ in s.active_changes] == [4]  # DRIVER_OK counts 4 again: no change
+        assert json.loads(state.read_text())["active_pairs"] == 4
+
+
 async def test_flows_follow_pair_and_are_rehomed(
     tmp_path: Path, ram: GuestRam, threads: bool
 ) -> None:
@@ -243,6 +270,7 @@ async def test_flows_follow_pair_and_are_rehomed(
         await fe.negotiate(DRIVER_FEATURES & ~F.bit(F.CTRL_VQ))
         for i in range(2 * PAIRS):
             await fe.setup_vring(i, enable=True)
+        await fe.send(m.SetStatus(status=15))
         await fe.sync()
         s = session_of(svc)
         frame = udp_frame(4000)

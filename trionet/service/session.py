@@ -32,7 +32,8 @@ from trionet.service.counters import PairCounters
 from trionet.service.datapath import PairContext, run_pair
 from trionet.service.state import StateFile
 from trionet.vhost_user import messages as m
-from trionet.vhost_user.backend import BackendProtocol
+from trionet.vhost_user.backend import STATUS_DRIVER_OK, BackendProtocol
+from trionet.vhost_user.constants import ProtocolFeature
 from trionet.vhost_user.codec import RequestDecoder
 from trionet.virtq.vring import Vring
 
@@ -100,6 +101,8 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._activated = False
         self._activation_pairs = 1
+        self._enables_pending = False
+        self._host_applied = False  # the backend has not been told a count yet
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -219,22 +222,38 @@ class Session:
             self.backend.set_features(self.proto.features)
         if ev.enable_changes and self.proto.vrings[2 * self.max_pairs].started:
             log.debug("SET_VRING_ENABLE: the control queue is ours, it sets the pair count")
+        elif ev.enable_changes and self._awaiting_driver_ok():
+            # QEMU replays a running guest's enables pair by pair *before* it sets
+            # up those rings (reconnect): counting each would undo a restored count
+            # and churn the tap queues.  Count once, at DRIVER_OK.
+            self._enables_pending = True
         elif ev.enable_changes:
-            vr = self.proto.vrings
-            n = self.policy.count_from_enables(
-                [vr[2 * p].enabled for p in range(self.max_pairs)],
-                [vr[2 * p + 1].enabled for p in range(self.max_pairs)],
-            )
             idx, on = ev.enable_changes[-1]
-            try:
-                await self.apply_active_pairs(n, f"SET_VRING_ENABLE {idx}={int(on)}")
-            except ApplyError as exc:
-                log.error("SET_VRING_ENABLE: %s", exc)
+            await self._apply_enables(f"SET_VRING_ENABLE {idx}={int(on)}")
+        if ev.driver_ok and self._enables_pending:
+            self._enables_pending = False
+            await self._apply_enables("DRIVER_OK after SET_VRING_ENABLE")
         if ev.mtu is not None:
             self.mtu = ev.mtu
             self.reconcile(force=True)
         if ev.rarp is not None:
             self._announce(ev.rarp)
+
+    def _awaiting_driver_ok(self) -> bool:
+        """With the STATUS protocol feature, the device is not running before DRIVER_OK."""
+        has_status = bool(self.proto.protocol_features & ProtocolFeature.STATUS)
+        return has_status and not self.proto.status & STATUS_DRIVER_OK
+
+    async def _apply_enables(self, cause: str) -> None:
+        vr = self.proto.vrings
+        n = self.policy.count_from_enables(
+            [vr[2 * p].enabled for p in range(self.max_pairs)],
+            [vr[2 * p + 1].enabled for p in range(self.max_pairs)],
+        )
+        try:
+            await self.apply_active_pairs(n, cause)
+        except ApplyError as exc:
+            log.error("SET_VRING_ENABLE: %s", exc)
 
     def _announce(self, mac: bytes) -> None:
         """SEND_RARP: broadcast a RARP for the guest's MAC on the host side, so
@@ -255,7 +274,8 @@ class Session:
     async def apply_active_pairs(self, n: int, cause: str) -> None:
         """The one operation that changes how many pairs carry traffic."""
         n = max(1, min(n, self.max_pairs))
-        if n == self.active_pairs and self.active_changes:
+        if n == self.active_pairs and self._host_applied:
+            log.debug("active queue pairs stay %d (%s)", n, cause)
             return
         old = self.active_pairs
         try:
@@ -263,6 +283,7 @@ class Session:
         except Exception as exc:  # the backend's own error type; all mean "not applied"
             raise ApplyError(f"{self.backend.name} cannot apply {n} active pairs: {exc}") from exc
         self.active_pairs = n
+        self._host_applied = True
         self.active_changes.append((n, cause))
         moved = self.flows.rehome(n)
         log.info("active queue pairs %d -> %d (%s); %d flows re-homed", old, n, cause, moved)
