@@ -33,8 +33,8 @@ from trionet.service.datapath import PairContext, run_pair
 from trionet.service.state import StateFile
 from trionet.vhost_user import messages as m
 from trionet.vhost_user.backend import STATUS_DRIVER_OK, BackendProtocol
-from trionet.vhost_user.constants import ProtocolFeature
 from trionet.vhost_user.codec import RequestDecoder
+from trionet.vhost_user.constants import ProtocolFeature
 from trionet.virtq.vring import Vring
 
 log = logging.getLogger(__name__)
