@@ -563,8 +563,42 @@ int tn_tx_to_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, uint32_t hdr_l
     return done;
 }
 
+static int mac_in(const uint8_t (*table)[6], uint32_t n, const uint8_t *dst)
+{
+    for (uint32_t i = 0; i < n && i < 64; i++)
+        if (memcmp(table[i], dst, 6) == 0)
+            return 1;
+    return 0;
+}
+
+int tn_rxfilter_accepts(const struct tn_rxfilter *f, const uint8_t *dst)
+{
+    static const uint8_t bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    if (f == NULL || f->promisc)
+        return 1;
+    if (memcmp(dst, bcast, 6) == 0)
+        return !f->nobcast;
+    if (dst[0] & 1)
+        return !f->nomulti && (f->allmulti || mac_in(f->multi, f->nmulti, dst));
+    if (f->nouni)
+        return 0;
+    return f->alluni || (f->has_mac && memcmp(dst, f->mac, 6) == 0) || mac_in(f->uni, f->nuni, dst);
+}
+
+/* Destination MAC of a frame laid into iovecs after hdr_len header bytes. */
+static int frame_dst(const struct iovec *iov, uint32_t n, uint32_t hdr_len, uint8_t *dst)
+{
+    uint8_t head[32];
+    uint32_t got = tn_iov_to_buf(iov, n, head, hdr_len + 6 <= sizeof(head) ? hdr_len + 6 : 0);
+    if (got < hdr_len + 6)
+        return 0;
+    memcpy(dst, head + hdr_len, 6);
+    return 1;
+}
+
 int tn_rx_from_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, int mrg, uint32_t hdr_len,
-                  uint32_t need, uint32_t max, struct tn_scratch *s, struct tn_batch *b)
+                  uint32_t need, uint32_t max, struct tn_scratch *s, struct tn_batch *b,
+                  const struct tn_rxfilter *filter)
 {
     int done = 0;
     memset(b, 0, sizeof(*b));
@@ -598,6 +632,13 @@ int tn_rx_from_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, int mrg, uin
         if ((uint32_t)r < hdr_len) {
             tn_vq_rewind(vq, (uint16_t)n);
             b->drops_bad_frame++;
+            continue;
+        }
+        uint8_t dst[6];
+        if (filter != NULL && frame_dst(s->iov, niov, hdr_len, dst) &&
+            !tn_rxfilter_accepts(filter, dst)) {
+            tn_vq_rewind(vq, (uint16_t)n);  /* the buffers are reused, nothing published */
+            b->drops_filtered++;
             continue;
         }
         finish_rx(vq, n, (uint32_t)r, hdr_len, s, niov);

@@ -83,6 +83,18 @@ struct tn_scratch {
     uint8_t frame_pending;    /* tap RX: a frame read but not yet delivered */
 };
 
+/* The driver's receive filter (control queue RX and MAC classes).  A frame
+ * from the host side that fails it is dropped (counted as filtered). */
+struct tn_rxfilter {
+    uint8_t promisc, allmulti, alluni, nomulti, nouni, nobcast;
+    uint8_t has_mac;
+    uint8_t mac[6];
+    uint32_t nuni;
+    uint32_t nmulti;
+    uint8_t uni[64][6];
+    uint8_t multi[64][6];
+};
+
 /* What a batch did.  Python adds these into the pair's counters once a batch. */
 struct tn_batch {
     uint32_t packets;
@@ -90,6 +102,7 @@ struct tn_batch {
     uint32_t drops_no_buffer;  /* RX ring had no room (loop backend) */
     uint32_t drops_bad_frame;  /* too short / too long / rejected by the fd */
     uint32_t drops_io;         /* other I/O errors on the fd */
+    uint32_t drops_filtered;   /* refused by the driver's receive filter */
     int32_t last_errno;
     uint8_t fd_blocked;        /* the fd said EAGAIN */
     uint8_t ring_empty;        /* no more available chains */
@@ -139,7 +152,10 @@ int tn_rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_le
 int tn_tx_to_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, uint32_t hdr_len,
                 uint32_t max, struct tn_batch *b, struct tn_flows *flows, uint8_t pair);
 int tn_rx_from_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, int mrg, uint32_t hdr_len,
-                  uint32_t need, uint32_t max, struct tn_scratch *s, struct tn_batch *b);
+                  uint32_t need, uint32_t max, struct tn_scratch *s, struct tn_batch *b,
+                  const struct tn_rxfilter *filter);
+/* Does the filter let a frame with this destination MAC through? (NULL: yes) */
+int tn_rxfilter_accepts(const struct tn_rxfilter *f, const uint8_t *dst);
 int tn_loop_batch(struct tn_vq *tx, struct tn_vq *rx, const struct tn_mem *m, int mrg,
                   uint32_t hdr_len, uint32_t max, struct tn_scratch *s, struct tn_batch *tb,
                   struct tn_batch *rb, struct tn_flows *flows, uint8_t pair);

@@ -34,6 +34,7 @@ static void add(struct tn_pair_io *io, const struct tn_batch *b, int rx)
         s->rx_bytes += b->bytes;
         s->drops_rx_bad_frame += b->drops_bad_frame;
         s->drops_rx_io += b->drops_io;
+        s->drops_rx_filtered += b->drops_filtered;
     } else {
         s->tx_packets += b->packets;
         s->tx_bytes += b->bytes;
@@ -113,7 +114,7 @@ static int run_tap(struct tn_pair_io *io)
         }
         if (io->rx != NULL && !rx_full) {
             int rc = tn_rx_from_fd(io->rx, io->mem, io->tap_fd, io->mrg, io->hdr_len, io->need,
-                                   io->batch, io->scratch, &b);
+                                   io->batch, io->scratch, &b, io->filter);
             io->stats->batches++;
             if (rc < 0)
                 return fail(io, 1, rc);

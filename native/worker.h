@@ -9,6 +9,7 @@ struct tn_vq;
 struct tn_mem;
 struct tn_scratch;
 struct tn_flows;
+struct tn_rxfilter;
 
 /* Counters a pair keeps for its whole life (Python reads them for status). */
 struct tn_pair_stats {
@@ -23,6 +24,7 @@ struct tn_pair_stats {
     uint64_t drops_rx_bad_frame;
     uint64_t drops_tx_io;
     uint64_t drops_rx_io;
+    uint64_t drops_rx_filtered;
     uint64_t batches;
 };
 
@@ -33,6 +35,7 @@ struct tn_pair_io {
     struct tn_scratch *scratch;
     struct tn_flows *flows;
     struct tn_pair_stats *stats;
+    const struct tn_rxfilter *filter;  /* NULL: accept every frame */
     int tx_kick;               /* -1: none (polled) */
     int rx_kick;
     int tx_call;               /* -1: no interrupts */

@@ -295,3 +295,44 @@ def test_random_descriptor_tables_never_escape_guest_memory(
             assert rig.vr.vq.broken == 1
     finally:
         rig.close()
+
+
+def test_tap_rx_path_enforces_the_drivers_receive_filter(rig: Rig) -> None:
+    """RX/MAC-class control commands are honoured: the native RX path drops
+    frames the driver's filter refuses (counted), and delivers the rest."""
+    import socket
+
+    from trionet.net.control import ControlState, write_filter
+
+    state = ControlState(F.mask(F.CTRL_RX, F.CTRL_RX_EXTRA, F.CTRL_MAC_ADDR), 1)
+    f = ffi.new("struct tn_rxfilter *")
+    write_filter(state, f)
+    assert f.promisc == 1  # before any RX command the device receives everything
+    mine, other = bytes.fromhex("525400000001"), bytes.fromhex("525400000099")
+    group = bytes.fromhex("01005e000001")
+    for cmd in (bytes([0, 0, 0]), bytes([1, 1]) + mine):  # PROMISC off, MAC_ADDR_SET
+        state.handle(cmd)
+    write_filter(state, f)
+
+    def frame(dst: bytes) -> bytes:
+        return bytes(12) + dst + other + b"\x08\x00" + bytes(46)
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for dst in (mine, other, b"\xff" * 6, group, mine):
+        a.send(frame(dst))
+    for _ in range(8):
+        rig.q.add_rx(2048)
+    scratch = ffi.new("struct tn_scratch *")
+    batch = ffi.new("struct tn_batch *")
+    b.setblocking(False)
+    rc = lib.tn_rx_from_fd(rig.vr.vq, rig.mem.table, b.fileno(), 1, 12, 1600, 64, scratch, batch, f)
+    assert rc == 3 and batch.drops_filtered == 2
+    got = [rig.q.read_rx(u)[12:18] for u in rig.q.take_used()]
+    assert got == [mine, b"\xff" * 6, mine]
+    state.handle(bytes([0, 1, 1]))  # ALLMULTI on: the group frame passes now
+    write_filter(state, f)
+    a.send(frame(group))
+    rc = lib.tn_rx_from_fd(rig.vr.vq, rig.mem.table, b.fileno(), 1, 12, 1600, 64, scratch, batch, f)
+    assert rc == 1
+    a.close()
+    b.close()

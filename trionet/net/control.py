@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from trionet.net import features as F
 
@@ -35,6 +36,25 @@ MAC_TABLE_MAX = 64  # entries per table we keep; more is accepted as "all" (prom
 
 # offloads the driver may switch at run time with GUEST_OFFLOADS_SET
 GUEST_OFFLOAD_BITS = F.mask(F.GUEST_CSUM, F.GUEST_TSO4, F.GUEST_TSO6, F.GUEST_ECN, F.GUEST_UFO)
+
+
+def write_filter(state: ControlState, f: Any) -> None:
+    """Copy the driver's receive filter into a ``struct tn_rxfilter`` the native
+    RX path enforces.  Before any RX command the device receives everything
+    (promiscuous, as QEMU's device model starts)."""
+    modes = state.rx_mode if state.rx_commands else {**state.rx_mode, "promisc": True}
+    for mode in RX_MODES:
+        setattr(f, mode, int(modes[mode]))
+    f.has_mac = int(state.mac is not None)
+    if state.mac is not None:
+        f.mac = list(state.mac)
+    f.alluni = int(modes["alluni"] or state.mac_table_overflow)
+    f.allmulti = int(modes["allmulti"] or state.mac_table_overflow)
+    f.nuni, f.nmulti = len(state.unicast), len(state.multicast)
+    for i, mac in enumerate(state.unicast):
+        f.uni[i] = list(mac)
+    for i, mac in enumerate(state.multicast):
+        f.multi[i] = list(mac)
 
 
 class CommandError(Exception):
@@ -61,6 +81,7 @@ class ControlState:
     mac_table_overflow: bool = False
     guest_offloads: int | None = None
     pairs_set: int | None = None  # the count the control queue last applied
+    rx_commands: int = 0  # RX/MAC-class commands applied (0: device still receives all)
     errors: int = 0
 
     def handle(self, readable: bytes) -> tuple[int, Outcome]:
@@ -97,6 +118,7 @@ class ControlState:
         if len(data) != 6:
             raise CommandError(f"MAC_ADDR_SET with {len(data)} bytes, expected 6")
         self.mac = bytes(data)
+        self.rx_commands += 1
         return Outcome()
 
     def _mac_table_set(self, data: bytes) -> Outcome:
@@ -117,6 +139,7 @@ class ControlState:
         uni, multi = tables
         self.mac_table_overflow = len(uni) > MAC_TABLE_MAX or len(multi) > MAC_TABLE_MAX
         self.unicast, self.multicast = uni[:MAC_TABLE_MAX], multi[:MAC_TABLE_MAX]
+        self.rx_commands += 1
         return Outcome()
 
     def _announce_ack(self, data: bytes) -> Outcome:
@@ -146,6 +169,7 @@ def _rx_handler(mode: str) -> Callable[[ControlState, bytes], Outcome]:
         if len(data) != 1:
             raise CommandError(f"RX {mode} with {len(data)} bytes, expected 1")
         state.rx_mode[mode] = bool(data[0])
+        state.rx_commands += 1
         return Outcome()
 
     return handle

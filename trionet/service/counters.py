@@ -15,6 +15,7 @@ _NATIVE_DROPS = {
     "drops_rx_bad_frame": "rx_bad_frame",
     "drops_tx_io": "tx_io_error",
     "drops_rx_io": "rx_io_error",
+    "drops_rx_filtered": "rx_filtered",
 }
 
 
@@ -48,6 +49,8 @@ class PairCounters:
             self.drops[f"{side}_bad_frame"] += b.drops_bad_frame
         if b.drops_io:
             self.drops[f"{side}_io_error"] += b.drops_io
+        if b.drops_filtered:
+            self.drops[f"{side}_filtered"] += b.drops_filtered
 
     def as_dict(self) -> dict[str, Any]:
         n = self.native

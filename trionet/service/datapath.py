@@ -51,6 +51,7 @@ class PairContext:
     mtu: int
     on_broken: Callable[[Vring, RingError], None]
     flows: Any = None  # struct tn_flows * shared by the VM's pairs, or NULL
+    rx_filter: Any = None  # struct tn_rxfilter * when the driver's control queue is ours
 
     @property
     def hdr_len(self) -> int:
@@ -182,9 +183,10 @@ async def tap_rx(ctx: PairContext, fd: int) -> None:
     vr = ctx.rx
     b = ffi.new("struct tn_batch *")
     hdr, mrg, table, need = ctx.hdr_len, ctx.mrg, ctx.mem.table, ctx.rx_room_needed()
+    rx_filter = ctx.rx_filter if ctx.rx_filter is not None else ffi.NULL
     vr.disable_notify()
     while True:
-        rc = lib.tn_rx_from_fd(vr.vq, table, fd, mrg, hdr, need, BATCH, ctx.scratch, b)
+        rc = lib.tn_rx_from_fd(vr.vq, table, fd, mrg, hdr, need, BATCH, ctx.scratch, b, rx_filter)
         vr.check(rc)
         ctx.counters.add_rx(b)
         if rc:
@@ -223,6 +225,7 @@ async def run_worker(ctx: PairContext, *, tx_live: bool, rx_live: bool, tap_fd: 
     io.rx = ctx.rx.vq if rx_live else ffi.NULL
     io.mem, io.scratch, io.stats = ctx.mem.table, ctx.scratch, ctx.counters.native
     io.flows = ctx.flows if ctx.flows is not None else ffi.NULL
+    io.filter = ctx.rx_filter if ctx.rx_filter is not None else ffi.NULL
     io.tx_kick, io.tx_call = _fd(ctx.tx.kick_fd), _fd(ctx.tx.call_fd)
     io.rx_kick, io.rx_call = _fd(ctx.rx.kick_fd), _fd(ctx.rx.call_fd)
     io.tap_fd = _fd(tap_fd)

@@ -24,7 +24,7 @@ import trio
 from trionet.errors import ProtocolError, RemoteProtocolError, RingError
 from trionet.native import ffi
 from trionet.net import features as F
-from trionet.net.control import GUEST_OFFLOAD_BITS, ControlState, Outcome
+from trionet.net.control import GUEST_OFFLOAD_BITS, ControlState, Outcome, write_filter
 from trionet.net.flows import FlowTable
 from trionet.net.multiqueue import ActivePairPolicy
 from trionet.service.control_task import ApplyError, run_control
@@ -92,6 +92,8 @@ class Session:
         self.slots = [PairSlot() for _ in range(max_pairs + 1)]
         self.flows = FlowTable()
         self.control = ControlState(0, max_pairs)
+        self.rx_filter = ffi.new("struct tn_rxfilter *")
+        write_filter(self.control, self.rx_filter)
         self.control_counters = PairCounters()
         self._scratch: list[Any] = [None] * max_pairs
         restore = state.restore_target(max_pairs) if state is not None else None
@@ -210,6 +212,7 @@ class Session:
                 log.error("device reset: %s", exc)
         if ev.features_set:
             self.control = ControlState(self.proto.features, self.max_pairs)
+            write_filter(self.control, self.rx_filter)
         if ev.features_set and not self._activated:
             self._activated = True
             self.backend.set_features(self.proto.features)
@@ -238,6 +241,9 @@ class Session:
             self.reconcile(force=True)
         if ev.rarp is not None:
             self._announce(ev.rarp)
+
+    def _control_is_ours(self) -> bool:
+        return bool(self.proto.vrings[2 * self.max_pairs].started)
 
     def _awaiting_driver_ok(self) -> bool:
         """With the STATUS protocol feature, the device is not running before DRIVER_OK."""
@@ -293,6 +299,7 @@ class Session:
 
     async def apply_control(self, outcome: Outcome) -> None:
         """What a control-queue command asks of the host side."""
+        write_filter(self.control, self.rx_filter)  # RX/MAC classes: filter at once
         if outcome.set_pairs is not None:
             self.control.pairs_set = outcome.set_pairs
             await self.apply_active_pairs(outcome.set_pairs, "VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET")
@@ -321,6 +328,7 @@ class Session:
             self.proto.features,
             p < self.active_pairs,
             self.mtu,
+            self._control_is_ours(),
         )
 
     def reconcile(self, force: bool = False) -> None:
@@ -390,6 +398,7 @@ class Session:
                     mtu=self.mtu,
                     on_broken=self.ring_broken,
                     flows=self.flows.c,
+                    rx_filter=self.rx_filter if self._control_is_ours() else None,
                 )
                 tap_fd = self._tap_fd(p)
                 await run_pair(
