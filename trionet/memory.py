@@ -139,7 +139,7 @@ class GuestMemory:
                     _unmap(m)
                 raise
         finally:
-            _close_all(fds)
+            close_fds(fds)
         old = self._maps
         self._publish(new)
         for m in old:
@@ -165,7 +165,7 @@ class GuestMemory:
                     )
             new = _map(spec, fd)
         finally:
-            _close_all([fd])
+            close_fds([fd])
         self._publish([*self._maps, new])
 
     def remove_region(self, spec: RegionSpec) -> None:
@@ -205,7 +205,8 @@ class GuestMemory:
             raise GuestMemoryError(f"guest range {gpa:#x}+{len(data):#x} is outside guest memory")
 
 
-def _close_all(fds: Sequence[int]) -> None:
+def close_fds(fds: Sequence[int]) -> None:
+    """Close fds we own, ignoring ones already gone."""
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -11,7 +11,6 @@ retires are closed only after ``notify_closing`` woke their waiters.
 from __future__ import annotations
 
 import array
-import contextlib
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ from typing import Any, Protocol
 import trio
 
 from trionet.errors import ProtocolError, RemoteProtocolError, RingError
+from trionet.memory import close_fds
 from trionet.native import ffi
 from trionet.net import features as F
 from trionet.net.control import GUEST_OFFLOAD_BITS, ControlState, Outcome, write_filter
@@ -125,14 +125,14 @@ class Session:
         for vr in self.proto.vrings:
             fds += [fd for fd in (vr.kick_fd, vr.call_fd, vr.err_fd) if fd is not None]
             vr.kick_fd = vr.call_fd = vr.err_fd = None
-        _close_fds(fds)
+        close_fds(fds)
         self.proto.memory.clear()
 
     async def _serve(self) -> None:
         while True:
             data, fds = await self._recv()
             if not data:
-                _close_fds(fds)
+                close_fds(fds)
                 log.info("VMM closed the connection")
                 return
             try:
@@ -164,7 +164,7 @@ class Session:
         for fd in fds:
             os.set_blocking(fd, False)
         if flags & socket.MSG_CTRUNC:
-            _close_fds(fds)
+            close_fds(fds)
             raise RemoteProtocolError("VMM sent more fds than a message may carry")
         return data, fds
 
@@ -198,7 +198,7 @@ class Session:
         self.reconcile()
         for fd in self.proto.take_retired_fds():
             trio.lowlevel.notify_closing(fd)
-            _close_fds([fd])
+            close_fds([fd])
 
     # ---- device events: activation, active pair count -------------------------
 
@@ -496,9 +496,3 @@ _QUIESCE = frozenset(
 
 def _ring_status(vr: Vring) -> dict[str, Any]:
     return {"started": vr.started, "enabled": vr.enabled, "broken": vr.broken}
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
