@@ -449,7 +449,7 @@ static int gather_rx(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t
     *niov = 0;
     *room = 0;
     while (*room < need || nchains == 0) {
-        uint32_t nread, rl, wl, start = *niov;
+        uint32_t nread, rl, wl;
         uint16_t head;
         if (nchains >= 256)
             break;
@@ -458,7 +458,6 @@ static int gather_rx(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t
             return rc;
         if (rc == 0)
             break;
-        (void)start;
         s->heads[nchains] = head;
         s->caps[nchains] = wl;
         nchains++;
@@ -489,8 +488,9 @@ static void finish_rx(struct tn_vq *vq, int nchains, uint32_t len, uint32_t hdr_
     tn_vq_rewind(vq, (uint16_t)(nchains - (int)used));
 }
 
-int tn_rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_len,
-              const uint8_t *frame, uint32_t len, struct tn_scratch *s)
+/* Lay one frame into the RX ring without publishing (callers publish once). */
+static int rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_len,
+                  const uint8_t *frame, uint32_t len, struct tn_scratch *s)
 {
     uint32_t niov;
     uint64_t room;
@@ -499,8 +499,16 @@ int tn_rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_le
         return n;
     tn_buf_to_iov(s->iov, niov, frame, len);
     finish_rx(vq, n, len, hdr_len, s, niov);
-    tn_vq_publish(vq);
     return 1;
+}
+
+int tn_rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_len,
+              const uint8_t *frame, uint32_t len, struct tn_scratch *s)
+{
+    int rc = rx_put(vq, m, mrg, hdr_len, frame, len, s);
+    if (rc > 0)
+        tn_vq_publish(vq);
+    return rc;
 }
 
 /* Record the flow of a transmitted frame: replies go back on this pair. */
@@ -681,7 +689,7 @@ int tn_loop_batch(struct tn_vq *tx, struct tn_vq *rx, const struct tn_mem *m, in
                 tn_flow_note(flows, tn_flow_hash(s->frame, len, hdr_len), pair, now);
             tb->packets++;
             tb->bytes += len - hdr_len;
-            int put = rx_ok ? tn_rx_put(rx, m, mrg, hdr_len, s->frame, len, s) : 0;
+            int put = rx_ok ? rx_put(rx, m, mrg, hdr_len, s->frame, len, s) : 0;
             if (put < 0) {
                 rx_ok = 0;
                 rb->last_errno = put;
@@ -700,5 +708,7 @@ int tn_loop_batch(struct tn_vq *tx, struct tn_vq *rx, const struct tn_mem *m, in
     }
     if (done > 0 || tx->used_idx != tn_vq_used_idx_in_ring(tx))
         tn_vq_publish(tx);
+    if (delivered)
+        tn_vq_publish(rx);  /* once per batch, not once per frame */
     return done;
 }

@@ -104,18 +104,8 @@ class Vring:
         """Translate the ring addresses and load the indices (ring start)."""
         if self.addresses is None or self.num == 0:
             raise RemoteProtocolError(f"vring {self.index}: started before its size and addresses")
-        a = self.addresses
-        try:
-            desc = mem.uva_to_gpa(a.desc_user_addr)
-            avail = mem.uva_to_gpa(a.avail_user_addr)
-            used = mem.uva_to_gpa(a.used_user_addr)
-        except GuestMemoryError as exc:
-            raise RingError(f"vring {self.index}: {exc}") from None
         vq = self.vq
-        if lib.tn_vq_setup(vq, mem.table, self.num, desc, avail, used) < 0:
-            raise RingError(
-                f"vring {self.index}: ring of size {self.num} lies outside guest memory"
-            )
+        self._setup(mem)
         vq.event_idx = 1 if features >> VIRTIO_RING_F_EVENT_IDX & 1 else 0
         vq.indirect = 1 if features >> VIRTIO_RING_F_INDIRECT_DESC & 1 else 0
         vq.last_avail = self.base
@@ -140,6 +130,13 @@ class Vring:
         if self._attached_mem_generation == mem.generation or self.addresses is None:
             return
         last_avail, used_idx = self.vq.last_avail, self.vq.used_idx
+        self._setup(mem)
+        self.vq.last_avail, self.vq.used_idx = last_avail, used_idx
+        self._attached_mem_generation = mem.generation
+
+    def _setup(self, mem: GuestMemory) -> None:
+        """Translate the VMM's ring addresses and point the C ring at them."""
+        assert self.addresses is not None
         a = self.addresses
         try:
             desc, avail, used = (
@@ -150,9 +147,9 @@ class Vring:
         except GuestMemoryError as exc:
             raise RingError(f"vring {self.index}: {exc}") from None
         if lib.tn_vq_setup(self.vq, mem.table, self.num, desc, avail, used) < 0:
-            raise RingError(f"vring {self.index}: ring lies outside guest memory")
-        self.vq.last_avail, self.vq.used_idx = last_avail, used_idx
-        self._attached_mem_generation = mem.generation
+            raise RingError(
+                f"vring {self.index}: ring of size {self.num} lies outside guest memory"
+            )
 
     def stop(self) -> int:
         """GET_VRING_BASE: stop the ring and return the next avail index."""
