@@ -511,6 +511,37 @@ int tn_rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_le
     return rc;
 }
 
+/* Lay up to max copies of one frame (virtio-net header included) into the RX
+ * ring and publish once: the loop backend's generator, and the shape a source
+ * of host-side frames uses.  b->ring_full when the ring ran out of room. */
+int tn_rx_fill(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_len,
+               const uint8_t *frame, uint32_t len, uint32_t max, struct tn_scratch *s,
+               struct tn_batch *b)
+{
+    int done = 0;
+    memset(b, 0, sizeof(*b));
+    if (len < hdr_len || len > TN_MAX_FRAME)
+        return 0;
+    while ((uint32_t)done < max) {
+        int rc = rx_put(vq, m, mrg, hdr_len, frame, len, s);
+        if (rc < 0) {
+            if (done > 0)
+                tn_vq_publish(vq);
+            return rc;
+        }
+        if (rc == 0) {
+            b->ring_full = 1;
+            break;
+        }
+        done++;
+        b->packets++;
+        b->bytes += len - hdr_len;
+    }
+    if (done > 0)
+        tn_vq_publish(vq);
+    return done;
+}
+
 /* Record the flow of a transmitted frame: replies go back on this pair. */
 static void note_flow(struct tn_flows *flows, const struct iovec *iov, uint32_t niov,
                       uint32_t hdr_len, uint8_t pair, uint64_t now)

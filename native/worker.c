@@ -51,14 +51,20 @@ static int fail(struct tn_pair_io *io, int ring, int code)
     return code;
 }
 
-/* Loop backend: TX chains come back on this pair's RX ring. */
+/* Loop backend: TX chains come back on this pair's RX ring; with a generator
+ * frame (io->gen) the RX ring is also kept full of copies of it. */
 static int run_loop(struct tn_pair_io *io)
 {
     struct tn_batch tb, rb;
-    struct pollfd pf[2] = {{io->stop_fd, POLLIN, 0}, {io->tx_kick, POLLIN, 0}};
-    for (;;) {
+    int gen = io->gen != NULL && io->rx != NULL;
+    int rx_full = 0;
+    if (io->tx != NULL)
         tn_vq_disable_notify(io->tx);
-        for (;;) {
+    if (gen)
+        tn_vq_disable_notify(io->rx);
+    for (;;) {
+        int tx_idle = 1, rx_idle = 1;
+        if (io->tx != NULL) {
             int rc = tn_loop_batch(io->tx, io->rx, io->mem, io->mrg, io->hdr_len, io->batch,
                                    io->scratch, &tb, &rb, io->flows, io->pair);
             io->stats->batches++;
@@ -72,19 +78,68 @@ static int run_loop(struct tn_pair_io *io)
                 call(io, io->rx, io->rx_call);
             if (io->rx != NULL && io->rx->broken)
                 return fail(io, 1, io->rx->error);
-            if (tb.ring_empty && !tn_vq_spin(io->tx, io->spin_ns))
-                break;
+            tx_idle = tb.ring_empty;
         }
-        if (tn_vq_enable_notify(io->tx))
+        if (gen && !rx_full) {
+            int rc = tn_rx_fill(io->rx, io->mem, io->mrg, io->hdr_len, io->gen, io->gen_len,
+                                io->batch, io->scratch, &rb);
+            io->stats->batches++;
+            if (rc < 0)
+                return fail(io, 1, rc);
+            add(io, &rb, 1);
+            if (rc > 0)
+                call(io, io->rx, io->rx_call);
+            rx_full = rb.ring_full;
+            rx_idle = rx_full;
+        }
+        if (!tx_idle || !rx_idle)
             continue;
-        int n = poll(pf, io->tx_kick >= 0 ? 2 : 1, io->tx_kick >= 0 ? -1 : 5);
-        if (n < 0 && errno != EINTR)
+        /* idle: spin briefly for the driver, then ask for kicks and re-check */
+        if (io->tx != NULL && tn_vq_spin(io->tx, gen ? 0 : io->spin_ns))
+            continue;
+        if (gen && tn_vq_spin(io->rx, io->spin_ns)) {
+            rx_full = 0;
+            continue;
+        }
+        if (io->tx != NULL && tn_vq_enable_notify(io->tx)) {
+            tn_vq_disable_notify(io->tx);
+            continue;
+        }
+        if (gen && tn_vq_enable_notify(io->rx)) {
+            tn_vq_disable_notify(io->rx);
+            rx_full = 0;
+            continue;
+        }
+        struct pollfd pf[3];
+        int n = 0, i_txk = -1, i_rxk = -1;
+        pf[n++] = (struct pollfd){io->stop_fd, POLLIN, 0};
+        if (io->tx != NULL && io->tx_kick >= 0) {
+            i_txk = n;
+            pf[n++] = (struct pollfd){io->tx_kick, POLLIN, 0};
+        }
+        if (gen && io->rx_kick >= 0) {
+            i_rxk = n;
+            pf[n++] = (struct pollfd){io->rx_kick, POLLIN, 0};
+        }
+        int polled = (io->tx != NULL && io->tx_kick < 0) || (gen && io->rx_kick < 0);
+        int r = poll(pf, (nfds_t)n, polled ? 5 : -1);
+        if (r < 0 && errno != EINTR)
             return 0;
         if (pf[0].revents)
             return 0;
-        if (pf[1].revents & POLLIN) {
+        if (i_txk >= 0 && (pf[i_txk].revents & POLLIN)) {
             drain(io->tx_kick);
             io->stats->kicks++;
+        }
+        if (i_rxk >= 0 && (pf[i_rxk].revents & POLLIN)) {
+            drain(io->rx_kick);
+            io->stats->kicks++;
+        }
+        if (io->tx != NULL)
+            tn_vq_disable_notify(io->tx);
+        if (gen) {
+            tn_vq_disable_notify(io->rx);
+            rx_full = 0;
         }
     }
 }
@@ -182,6 +237,6 @@ int tn_pair_run(struct tn_pair_io *io)
 {
     io->error = 0;
     if (io->tap_fd < 0)
-        return io->tx != NULL ? run_loop(io) : 0;
+        return io->tx != NULL || (io->gen != NULL && io->rx != NULL) ? run_loop(io) : 0;
     return run_tap(io);
 }

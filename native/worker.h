@@ -36,6 +36,7 @@ struct tn_pair_io {
     struct tn_flows *flows;
     struct tn_pair_stats *stats;
     const struct tn_rxfilter *filter;  /* NULL: accept every frame */
+    const uint8_t *gen;        /* loop backend: frame (header included) to keep RX full of */
     int tx_kick;               /* -1: none (polled) */
     int rx_kick;
     int tx_call;               /* -1: no interrupts */
@@ -45,6 +46,7 @@ struct tn_pair_io {
     uint32_t hdr_len;
     uint32_t need;             /* RX room before taking a frame from the tap */
     uint32_t batch;
+    uint32_t gen_len;
     uint32_t spin_ns;          /* busy-wait this long for more TX before sleeping */
     uint8_t pair;
     uint8_t mrg;

@@ -127,6 +127,28 @@ def test_rx_put_with_mergeable_buffers_spans_chains(rig: Rig) -> None:
     assert rig.vr.pending() == 1
 
 
+def test_rx_fill_lays_copies_and_publishes_once(rig: Rig) -> None:
+    for _ in range(5):
+        rig.q.add_rx(100)
+    scratch = ffi.new("struct tn_scratch *")
+    b = ffi.new("struct tn_batch *")
+    frame = bytes(12) + b"g" * 60
+    n = lib.tn_rx_fill(rig.vr.vq, rig.mem.table, 1, 12, frame, len(frame), 3, scratch, b)
+    assert n == 3 and b.packets == 3 and b.bytes == 180 and not b.ring_full
+    assert rig.q.used_idx() == 3
+    n = lib.tn_rx_fill(rig.vr.vq, rig.mem.table, 1, 12, frame, len(frame), 256, scratch, b)
+    assert n == 2 and b.ring_full
+    used = rig.q.take_used()
+    assert [u.length for u in used] == [72] * 5
+    for u in used:
+        data = rig.q.read_rx(u)
+        assert data[12:] == b"g" * 60 and int.from_bytes(data[10:12], "little") == 1
+    # a frame larger than any buffer, without MRG_RXBUF, takes nothing
+    rig.q.add_rx(10)
+    n = lib.tn_rx_fill(rig.vr.vq, rig.mem.table, 0, 12, frame, len(frame), 8, scratch, b)
+    assert n == 0 and b.ring_full and rig.vr.pending() == 1
+
+
 def test_rx_put_without_room_consumes_nothing(rig: Rig) -> None:
     rig.q.add_rx(100)
     scratch = ffi.new("struct tn_scratch *")

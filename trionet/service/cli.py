@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_PAIRS,
         help="queue pairs offered to the guest (1..16, default 16)",
     )
+    p.add_argument(
+        "--loop-generate",
+        type=int,
+        default=0,
+        metavar="SIZE",
+        help="loop backend only: also keep each active pair's RX ring full of SIZE-byte "
+        "generated frames (a traffic source for receive benchmarks)",
+    )
     p.add_argument("--mtu", type=int, default=1500, help="MTU of the guest link")
     p.add_argument("--state-file", type=Path, help="record state here to survive a restart")
     p.add_argument("--control-socket", type=Path, help="serve status JSON on this UNIX socket")
@@ -83,7 +91,7 @@ async def _main(args: argparse.Namespace) -> None:
     if args.backend == "loop":
         from trionet.backends.loop import LoopBackend
 
-        backend = LoopBackend(args.queue_pairs)
+        backend = LoopBackend(args.queue_pairs, args.loop_generate)
     else:
         from trionet.backends.tap import TapBackend
 
@@ -132,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.socket_path is None and args.fd is None and args.connect is None:
         print("trionet: one of --socket-path, --fd or --connect is required", file=sys.stderr)
+        return 2
+    if args.loop_generate and (args.backend != "loop" or not 14 <= args.loop_generate <= 65535):
+        print("trionet: --loop-generate takes 14..65535 and needs --backend loop", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.WARNING,

@@ -52,6 +52,15 @@ class PairContext:
     on_broken: Callable[[Vring, RingError], None]
     flows: Any = None  # struct tn_flows * shared by the VM's pairs, or NULL
     rx_filter: Any = None  # struct tn_rxfilter * when the driver's control queue is ours
+    generate: bytes | None = None  # loop backend: Ethernet frame to keep RX full of
+
+    def generated_frame(self) -> Any:
+        """The generator's frame with a zeroed virtio-net header, as C memory."""
+        assert self.generate is not None
+        data = bytes(self.hdr_len) + self.generate
+        buf = ffi.new("uint8_t[]", len(data))
+        ffi.memmove(buf, data, len(data))
+        return buf
 
     @property
     def hdr_len(self) -> int:
@@ -153,6 +162,31 @@ async def loop_pair(ctx: PairContext, rx_on: bool) -> None:
         await wait_kick(ctx, tx)
 
 
+async def generate_rx(ctx: PairContext) -> None:
+    """Loop backend's generator: keep this pair's RX ring full of one frame."""
+    vr = ctx.rx
+    assert ctx.generate is not None
+    frame = ctx.generated_frame()
+    n = len(frame)
+    b = ffi.new("struct tn_batch *")
+    hdr, mrg, table = ctx.hdr_len, ctx.mrg, ctx.mem.table
+    vr.disable_notify()
+    while True:
+        rc = lib.tn_rx_fill(vr.vq, table, mrg, hdr, frame, n, BATCH, ctx.scratch, b)
+        vr.check(rc)
+        ctx.counters.add_rx(b)
+        if rc:
+            notify(ctx, vr)
+        if b.ring_full:
+            if vr.enable_notify():
+                vr.disable_notify()
+                continue
+            await wait_kick(ctx, vr)
+            vr.disable_notify()
+            continue
+        await trio.lowlevel.checkpoint()
+
+
 async def tap_tx(ctx: PairContext, fd: int) -> None:
     """Guest TX → tap queue ``fd``; EAGAIN holds the descriptors until writable."""
     vr = ctx.tx
@@ -232,6 +266,9 @@ async def run_worker(ctx: PairContext, *, tx_live: bool, rx_live: bool, tap_fd: 
     io.hdr_len, io.need, io.batch = ctx.hdr_len, ctx.rx_room_needed(), BATCH
     io.spin_ns = SPIN_NS_WORKER
     io.pair, io.mrg = ctx.index, ctx.mrg
+    frame = ctx.generated_frame() if ctx.generate is not None and tap_fd is None else None
+    if frame is not None:
+        io.gen, io.gen_len = frame, len(frame)
     stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     rc = 0
     try:
@@ -273,13 +310,17 @@ async def run_pair(
         if tx_on and not tx_live:
             reason = "tx_pair_inactive" if ctx.tx.enabled else "tx_ring_disabled"
             nursery.start_soon(_guarded, ctx, ctx.tx, lambda: discard_tx(ctx, reason))
+        generate = rx_live and tap_fd is None and ctx.generate is not None
         if threaded:
-            if tx_live or (rx_live and tap_fd is not None):
+            if tx_live or (rx_live and tap_fd is not None) or generate:
                 nursery.start_soon(
                     lambda: run_worker(ctx, tx_live=tx_live, rx_live=rx_live, tap_fd=tap_fd)
                 )
-        elif tap_fd is None and tx_live:
-            nursery.start_soon(_guarded, ctx, ctx.tx, lambda: loop_pair(ctx, rx_live))
+        elif tap_fd is None:
+            if tx_live:
+                nursery.start_soon(_guarded, ctx, ctx.tx, lambda: loop_pair(ctx, rx_live))
+            if generate:
+                nursery.start_soon(_guarded, ctx, ctx.rx, lambda: generate_rx(ctx))
         elif tap_fd is not None:
             fd = tap_fd
             if tx_live:

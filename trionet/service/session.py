@@ -399,6 +399,7 @@ class Session:
                     on_broken=self.ring_broken,
                     flows=self.flows.c,
                     rx_filter=self.rx_filter if self._control_is_ours() else None,
+                    generate=getattr(self.backend, "generate", None),
                 )
                 tap_fd = self._tap_fd(p)
                 await run_pair(
