@@ -102,3 +102,14 @@ async def test_connect_to_a_listening_vmm_with_backoff(tmp_path: Path, ram: Gues
         fe.close()
         listener.close()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "args", [["--backend", "tap", "--loop-generate", "64"], ["--loop-generate", "13"]]
+)
+def test_cli_refuses_a_generator_it_cannot_run(tmp_path: Path, args: list[str]) -> None:
+    sock = tmp_path / "s.sock"
+    argv = [sys.executable, "-m", "trionet", "--backend", "loop", "--socket-path", str(sock)]
+    res = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "--loop-generate" in res.stderr
+    assert not sock.exists()
