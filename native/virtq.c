@@ -549,6 +549,11 @@ static void note_flow(struct tn_flows *flows, const struct iovec *iov, uint32_t 
     uint8_t head[128];
     if (flows == NULL)
         return;
+    if (niov == 1 || iov[0].iov_len >= sizeof(head)) {  /* headers in place: no copy */
+        tn_flow_note(flows, tn_flow_hash(iov[0].iov_base, (uint32_t)iov[0].iov_len, hdr_len),
+                     pair, now);
+        return;
+    }
     uint32_t got = tn_iov_to_buf(iov, niov, head, sizeof(head));
     tn_flow_note(flows, tn_flow_hash(head, got, hdr_len), pair, now);
 }
@@ -576,7 +581,10 @@ int tn_tx_to_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, uint32_t hdr_l
         if (rl < hdr_len || rl > TN_MAX_FRAME) {
             b->drops_bad_frame++;
         } else {
-            ssize_t w = writev(fd, iov, (int)niov);
+            /* one buffer (the usual shape: header and frame together) skips
+             * writev's iovec import */
+            ssize_t w = niov == 1 ? write(fd, iov[0].iov_base, iov[0].iov_len)
+                                  : writev(fd, iov, (int)niov);
             if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
                 tn_vq_rewind(vq, 1);
                 b->fd_blocked = 1;
