@@ -103,6 +103,14 @@ async def wait_kick(ctx: PairContext, vr: Vring) -> None:
             await trio.lowlevel.wait_readable(fd)
 
 
+async def wait_rx_room(ctx: PairContext, vr: Vring) -> None:
+    """An RX ring without room: sleep until the driver kicks after adding
+    buffers, unless some raced in while notifications were off."""
+    if not vr.enable_notify():
+        await wait_kick(ctx, vr)
+    vr.disable_notify()
+
+
 async def _guarded(ctx: PairContext, vr: Vring, loop: Callable[[], Any]) -> None:
     try:
         await loop()
@@ -178,11 +186,7 @@ async def generate_rx(ctx: PairContext) -> None:
         if rc:
             notify(ctx, vr)
         if b.ring_full:
-            if vr.enable_notify():
-                vr.disable_notify()
-                continue
-            await wait_kick(ctx, vr)
-            vr.disable_notify()
+            await wait_rx_room(ctx, vr)
             continue
         await trio.lowlevel.checkpoint()
 
@@ -226,11 +230,7 @@ async def tap_rx(ctx: PairContext, fd: int) -> None:
         if rc:
             notify(ctx, vr)
         if b.ring_full:
-            if vr.enable_notify():
-                vr.disable_notify()
-                continue
-            await wait_kick(ctx, vr)
-            vr.disable_notify()
+            await wait_rx_room(ctx, vr)
             continue
         if b.fd_blocked:
             if b.drops_io:
