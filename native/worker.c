@@ -17,6 +17,16 @@ static void drain(int fd)
         (void)!read(fd, &v, sizeof(v));
 }
 
+/* A kick eventfd that poll() found readable: consume it and count it. */
+static int kicked(struct tn_pair_io *io, const struct pollfd *pf, int i, int fd)
+{
+    if (i < 0 || !(pf[i].revents & POLLIN))
+        return 0;
+    drain(fd);
+    io->stats->kicks++;
+    return 1;
+}
+
 static void call(struct tn_pair_io *io, struct tn_vq *vq, int fd)
 {
     if (fd < 0 || !tn_vq_needs_notify(vq))
@@ -127,14 +137,8 @@ static int run_loop(struct tn_pair_io *io)
             return 0;
         if (pf[0].revents)
             return 0;
-        if (i_txk >= 0 && (pf[i_txk].revents & POLLIN)) {
-            drain(io->tx_kick);
-            io->stats->kicks++;
-        }
-        if (i_rxk >= 0 && (pf[i_rxk].revents & POLLIN)) {
-            drain(io->rx_kick);
-            io->stats->kicks++;
-        }
+        kicked(io, pf, i_txk, io->tx_kick);
+        kicked(io, pf, i_rxk, io->rx_kick);
         if (io->tx != NULL)
             tn_vq_disable_notify(io->tx);
         if (gen) {
@@ -213,14 +217,9 @@ static int run_tap(struct tn_pair_io *io)
             return 0;
         if (pf[0].revents)
             return 0;
-        if (i_txk >= 0 && (pf[i_txk].revents & POLLIN)) {
-            drain(io->tx_kick);
-            io->stats->kicks++;
+        if (kicked(io, pf, i_txk, io->tx_kick))
             tn_vq_disable_notify(io->tx);
-        }
-        if (i_rxk >= 0 && (pf[i_rxk].revents & POLLIN)) {
-            drain(io->rx_kick);
-            io->stats->kicks++;
+        if (kicked(io, pf, i_rxk, io->rx_kick)) {
             rx_full = 0;
             tn_vq_disable_notify(io->rx);
         }
