@@ -502,15 +502,6 @@ static int rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hd
     return 1;
 }
 
-int tn_rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_len,
-              const uint8_t *frame, uint32_t len, struct tn_scratch *s)
-{
-    int rc = rx_put(vq, m, mrg, hdr_len, frame, len, s);
-    if (rc > 0)
-        tn_vq_publish(vq);
-    return rc;
-}
-
 /* Lay up to max copies of one frame (virtio-net header included) into the RX
  * ring and publish once: the loop backend's generator, and the shape a source
  * of host-side frames uses.  b->ring_full when the ring ran out of room. */

@@ -147,8 +147,6 @@ uint32_t tn_buf_to_iov(const struct iovec *iov, uint32_t n, const uint8_t *src, 
 
 /* batched paths: each pops up to max chains, moves the data, fills the used
  * ring and publishes it once.  Returns chains completed (>= 0) or TN_E_*. */
-int tn_rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_len,
-              const uint8_t *frame, uint32_t len, struct tn_scratch *s);
 int tn_rx_fill(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_len,
                const uint8_t *frame, uint32_t len, uint32_t max, struct tn_scratch *s,
                struct tn_batch *b);

@@ -109,15 +109,13 @@ def test_enable_notify_reports_buffers_that_raced_in(rig: Rig) -> None:
     assert rig.vr.enable_notify() is True
 
 
-def test_rx_put_with_mergeable_buffers_spans_chains(rig: Rig) -> None:
+def test_rx_fill_with_mergeable_buffers_spans_chains(rig: Rig) -> None:
     for _ in range(4):
         rig.q.add_rx(1000)
-    scratch = ffi.new("struct tn_scratch *")
+    scratch, b = ffi.new("struct tn_scratch *"), ffi.new("struct tn_batch *")
     frame = bytes(12) + bytes(range(256)) * 10  # 2572 bytes: three 1000-byte buffers
-    assert (
-        rig.vr.check(lib.tn_rx_put(rig.vr.vq, rig.mem.table, 1, 12, frame, len(frame), scratch))
-        == 1
-    )
+    n = lib.tn_rx_fill(rig.vr.vq, rig.mem.table, 1, 12, frame, len(frame), 1, scratch, b)
+    assert rig.vr.check(n) == 1
     used = rig.q.take_used()
     assert [u.length for u in used] == [1000, 1000, 572]
     data = b"".join(rig.q.read_rx(u) for u in used)
@@ -149,11 +147,11 @@ def test_rx_fill_lays_copies_and_publishes_once(rig: Rig) -> None:
     assert n == 0 and b.ring_full and rig.vr.pending() == 1
 
 
-def test_rx_put_without_room_consumes_nothing(rig: Rig) -> None:
+def test_rx_fill_without_room_consumes_nothing(rig: Rig) -> None:
     rig.q.add_rx(100)
-    scratch = ffi.new("struct tn_scratch *")
+    scratch, b = ffi.new("struct tn_scratch *"), ffi.new("struct tn_batch *")
     frame = bytes(500)
-    assert lib.tn_rx_put(rig.vr.vq, rig.mem.table, 1, 12, frame, len(frame), scratch) == 0
+    assert lib.tn_rx_fill(rig.vr.vq, rig.mem.table, 1, 12, frame, len(frame), 1, scratch, b) == 0
     assert rig.q.take_used() == []
     assert rig.vr.pending() == 1
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from trionet.backends.loop import MAX_FRAME, MIN_FRAME, LoopBackend
 from trionet.service.server import ConfigError, Service, ServiceConfig, read_status
 from trionet.service.session import HostBackend
 
@@ -89,8 +90,6 @@ async def _main(args: argparse.Namespace) -> None:
     )
     backend: HostBackend
     if args.backend == "loop":
-        from trionet.backends.loop import LoopBackend
-
         backend = LoopBackend(args.queue_pairs, args.loop_generate)
     else:
         from trionet.backends.tap import TapBackend
@@ -141,8 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.socket_path is None and args.fd is None and args.connect is None:
         print("trionet: one of --socket-path, --fd or --connect is required", file=sys.stderr)
         return 2
-    if args.loop_generate and (args.backend != "loop" or not 14 <= args.loop_generate <= 65535):
-        print("trionet: --loop-generate takes 14..65535 and needs --backend loop", file=sys.stderr)
+    if args.loop_generate and (
+        args.backend != "loop" or not MIN_FRAME <= args.loop_generate <= MAX_FRAME
+    ):
+        print(
+            f"trionet: --loop-generate takes {MIN_FRAME}..{MAX_FRAME} and needs --backend loop",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(
         level=logging.WARNING,
