@@ -54,3 +54,21 @@ async def test_event_idx_interrupts_once_per_batch_and_only_when_asked(
     assert await _round(frontend, loop_service, arm=False) == (0, 0, 1)
     # re-armed: one interrupt per ring for the whole batch, not one per frame
     assert await _round(frontend, loop_service, arm=True) == (1, 1, 1)
+
+
+async def test_a_started_but_disabled_ring_with_nothing_used_never_interrupts(
+    frontend: Frontend, loop_service: Service
+) -> None:
+    await frontend.negotiate()
+    await frontend.setup_vring(0)
+    await frontend.setup_vring(1, enable=False)  # TX started, not enabled: discarded
+    await frontend.sync()
+    await trio.sleep(0.05)
+    assert frontend.calls_pending(1) == 0
+    frontend.queues[1].add_tx(HDR + bytes(60))
+    frontend.kick(1)
+    with trio.fail_after(5):
+        while not frontend.queues[1].take_used():
+            await trio.sleep(0.001)
+    await trio.sleep(0.05)
+    assert frontend.calls_pending(1) == 1  # the discarded chain is completed and signalled

@@ -125,11 +125,14 @@ async def discard_tx(ctx: PairContext, reason: str) -> None:
     outside the active count): process and discard, no side effects."""
     vr = ctx.tx
     while True:
+        done = 0
         while (chain := vr.pop(ctx.mem, DEVICE_READS)) is not None:
             vr.push(chain.head, 0)
             ctx.counters.drops[reason] += 1
-        vr.publish()
-        notify(ctx, vr)
+            done += 1
+        if done:  # an interrupt only for used entries the guest has not seen
+            vr.publish()
+            notify(ctx, vr)
         if vr.enable_notify():
             continue
         await wait_kick(ctx, vr)
