@@ -442,8 +442,8 @@ static void set_num_buffers(const struct iovec *iov, uint32_t n, uint16_t value)
 /* Pop writable chains into s->iov until their room reaches need (or, without
  * MRG_RXBUF, exactly one chain).  Returns chains popped (0: not enough room,
  * everything rewound) or TN_E_*. */
-static int gather_rx(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t need,
-                     struct tn_scratch *s, uint32_t *niov, uint64_t *room)
+int tn_rx_gather(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t need,
+                 struct tn_scratch *s, uint32_t *niov, uint64_t *room)
 {
     uint32_t nchains = 0;
     *niov = 0;
@@ -473,8 +473,8 @@ static int gather_rx(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t
 }
 
 /* Complete a received frame of len bytes laid into the first chains of s. */
-static void finish_rx(struct tn_vq *vq, int nchains, uint32_t len, uint32_t hdr_len,
-                      struct tn_scratch *s, uint32_t niov)
+void tn_rx_finish(struct tn_vq *vq, int nchains, uint32_t len, uint32_t hdr_len,
+                  struct tn_scratch *s, uint32_t niov)
 {
     uint32_t left = len, used = 0;
     while (used < (uint32_t)nchains && (left > 0 || used == 0)) {
@@ -494,11 +494,11 @@ static int rx_put(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hd
 {
     uint32_t niov;
     uint64_t room;
-    int n = gather_rx(vq, m, mrg, len, s, &niov, &room);
+    int n = tn_rx_gather(vq, m, mrg, len, s, &niov, &room);
     if (n <= 0)
         return n;
     tn_buf_to_iov(s->iov, niov, frame, len);
-    finish_rx(vq, n, len, hdr_len, s, niov);
+    tn_rx_finish(vq, n, len, hdr_len, s, niov);
     return 1;
 }
 
@@ -643,7 +643,7 @@ int tn_rx_from_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, int mrg, uin
     while ((uint32_t)done < max) {
         uint32_t niov;
         uint64_t room;
-        int n = gather_rx(vq, m, mrg, mrg ? need : 1, s, &niov, &room);
+        int n = tn_rx_gather(vq, m, mrg, mrg ? need : 1, s, &niov, &room);
         if (n < 0) {
             if (done)
                 tn_vq_publish(vq);
@@ -679,7 +679,7 @@ int tn_rx_from_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, int mrg, uin
             b->drops_filtered++;
             continue;
         }
-        finish_rx(vq, n, (uint32_t)r, hdr_len, s, niov);
+        tn_rx_finish(vq, n, (uint32_t)r, hdr_len, s, niov);
         b->packets++;
         b->bytes += (uint64_t)r - hdr_len;
         done++;

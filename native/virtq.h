@@ -145,6 +145,16 @@ void tn_vq_fail(struct tn_vq *vq, int code, uint64_t detail);
 uint32_t tn_iov_to_buf(const struct iovec *iov, uint32_t n, uint8_t *dst, uint32_t cap);
 uint32_t tn_buf_to_iov(const struct iovec *iov, uint32_t n, const uint8_t *src, uint32_t len);
 
+/* RX building blocks of the batched paths: pop writable chains into s->iov
+ * (s->heads, s->caps) until their room reaches need (without MRG_RXBUF: one
+ * chain); 0 when there is not enough room (nothing kept).  Then complete a
+ * frame of len bytes laid into them: push the chains it used (num_buffers set
+ * when hdr_len >= 12), rewind the rest.  Neither publishes. */
+int tn_rx_gather(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t need,
+                 struct tn_scratch *s, uint32_t *niov, uint64_t *room);
+void tn_rx_finish(struct tn_vq *vq, int nchains, uint32_t len, uint32_t hdr_len,
+                  struct tn_scratch *s, uint32_t niov);
+
 /* batched paths: each pops up to max chains, moves the data, fills the used
  * ring and publishes it once.  Returns chains completed (>= 0) or TN_E_*. */
 int tn_rx_fill(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_len,

@@ -13,10 +13,14 @@ from pathlib import Path
 import trio
 
 from trionet.backends.loop import MAX_FRAME, MIN_FRAME, LoopBackend
+from trionet.backends.user import UserBackend
+from trionet.backends.user.config import UserConfigError, add_user_arguments, user_config_from_args
 from trionet.service.server import ConfigError, Service, ServiceConfig, read_status
 from trionet.service.session import HostBackend
 
 MAX_PAIRS = 16
+USER_MTU = 65520  # as passt: large frames are what make a user-mode guest fast
+OTHER_MTU = 1500
 
 
 def _pairs(text: str) -> int:
@@ -42,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        choices=("tap", "loop"),
-        default="tap",
-        help="host side: a multi-queue tap, or loop frames back (tests)",
+        choices=("user", "tap", "loop"),
+        default="user",
+        help="host side: the rootless user-mode stack (default), a multi-queue tap (root), "
+        "or loop frames back (tests)",
     )
     p.add_argument("--tap", default="trionet0", help="tap device to attach to or create")
     p.add_argument(
@@ -61,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="loop backend only: also keep each active pair's RX ring full of SIZE-byte "
         "generated frames (a traffic source for receive benchmarks)",
     )
-    p.add_argument("--mtu", type=int, default=1500, help="MTU of the guest link")
+    p.add_argument(
+        "--mtu",
+        type=int,
+        help=f"MTU of the guest link (default {USER_MTU} with --backend user, given to the "
+        f"guest by DHCP and RA; {OTHER_MTU} otherwise)",
+    )
     p.add_argument("--state-file", type=Path, help="record state here to survive a restart")
     p.add_argument("--control-socket", type=Path, help="serve status JSON on this UNIX socket")
     p.add_argument(
@@ -70,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve each queue pair on its own native worker thread (uses up to N cores)",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_user_arguments(p)
     return p
 
 
@@ -78,6 +89,7 @@ def capabilities() -> dict[str, object]:
 
 
 async def _main(args: argparse.Namespace) -> None:
+    mtu = args.mtu or (USER_MTU if args.backend == "user" else OTHER_MTU)
     config = ServiceConfig(
         queue_pairs=args.queue_pairs,
         socket_path=args.socket_path,
@@ -85,12 +97,14 @@ async def _main(args: argparse.Namespace) -> None:
         connect_path=args.connect,
         control_socket=args.control_socket,
         state_file=args.state_file,
-        mtu=args.mtu,
+        mtu=mtu,
         threads=args.threads,
     )
     backend: HostBackend
     if args.backend == "loop":
         backend = LoopBackend(args.queue_pairs, args.loop_generate)
+    elif args.backend == "user":
+        backend = await _user_backend(args, mtu)
     else:
         from trionet.backends.tap import TapBackend
 
@@ -104,6 +118,24 @@ async def _main(args: argparse.Namespace) -> None:
     finally:
         with trio.CancelScope(shield=True):
             await backend.aclose()
+
+
+async def _user_backend(args: argparse.Namespace, mtu: int) -> UserBackend:
+    log = logging.getLogger("trionet")
+    try:
+        cfg = await user_config_from_args(args, mtu)
+    except UserConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    for family, c in (("IPv4", cfg.v4), ("IPv6", cfg.v6)):
+        if c is not None:
+            log.info(
+                "user stack %s: guest %s/%d, gateway %s, DNS %s",
+                family, c.address, c.prefix_len, c.gateway, ", ".join(map(str, c.dns)) or "none",
+            )  # fmt: skip
+    log.info("user stack: MTU %d, DNS upstreams %s", cfg.mtu, cfg.dns_upstreams or "none")
+    if args.threads:
+        log.info("user stack: --threads does not apply; its pairs are served on the Trio thread")
+    return UserBackend(cfg, args.queue_pairs)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -22,6 +23,9 @@ from trionet.native import ffi, lib
 from trionet.net import features as F
 from trionet.service.counters import PairCounters
 from trionet.virtq.vring import DEVICE_READS, Vring
+
+if TYPE_CHECKING:
+    from trionet.backends.user.stack import UserStack
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ SPIN_NS_WORKER = 50_000
 SPIN_NS_TRIO = 0
 POLL_INTERVAL = 0.005  # a ring whose VMM gave no kick fd is polled
 _ONE = (1).to_bytes(8, "little")
+VIRTIO_NET_HDR_F_DATA_VALID = 2
 
 
 @dataclass
@@ -112,6 +117,10 @@ async def wait_rx_room(ctx: PairContext, vr: Vring) -> None:
 
 
 async def _guarded(ctx: PairContext, vr: Vring, loop: Callable[[], Any]) -> None:
+    # A task's first step runs even when its scope was cancelled before it
+    # started (the pair was reconfigured meanwhile): without this checkpoint a
+    # stale loop would take the guest's chains under the old configuration.
+    await trio.lowlevel.checkpoint_if_cancelled()
     try:
         await loop()
     except RingError as exc:
@@ -244,6 +253,86 @@ async def tap_rx(ctx: PairContext, fd: int) -> None:
         await trio.lowlevel.checkpoint()
 
 
+async def user_tx(ctx: PairContext, stack: UserStack) -> None:
+    """Guest TX → the user stack: the native path sends known UDP flows'
+    datagrams itself and hands every other frame over in ``slow``."""
+    vr = ctx.tx
+    b = ffi.new("struct tn_batch *")
+    slow = stack.slow_frames(ctx.index)
+    hdr, table, utable = ctx.hdr_len, ctx.mem.table, stack.fast.table
+    while True:
+        vr.disable_notify()
+        while True:
+            rc = lib.tn_user_tx(vr.vq, table, hdr, BATCH, utable, ctx.index, slow.cdata, b)
+            vr.check(rc)
+            ctx.counters.add_tx(b)
+            stack.take_slow(slow)
+            if rc:
+                notify(ctx, vr)
+            if b.ring_empty and not slow.full:
+                break
+            await trio.lowlevel.checkpoint()
+        if vr.enable_notify():
+            continue
+        await wait_kick(ctx, vr)
+
+
+async def user_rx(ctx: PairContext, stack: UserStack) -> None:
+    """The user stack → guest RX: frames in the pair's outbox (answers,
+    first datagrams, ICMP), then the datagrams of the UDP flows homed on this
+    pair, read natively.  Waits on one epoll fd holding both."""
+    vr, p = ctx.rx, ctx.index
+    box = stack.outboxes[p]
+    b = ffi.new("struct tn_batch *")
+    hdr, mrg, table, utable = ctx.hdr_len, ctx.mrg, ctx.mem.table, stack.fast.table
+    data_valid = 1 if F.has(ctx.features, F.GUEST_CSUM) else 0
+    head = bytes([VIRTIO_NET_HDR_F_DATA_VALID if data_valid else 0]) + bytes(hdr - 1)
+    waker = select.epoll()
+    waker.register(box.wake_fd, select.EPOLLIN)
+    waker.register(stack.fast.epoll_fd(p), select.EPOLLIN)
+    stalled = False  # the ring said full twice in a row: wait for the driver's kick
+    try:
+        vr.disable_notify()
+        while True:
+            box.clear_wake()
+            done = full = 0
+            while box.frames and not full:
+                frame = head + box.frames[0]
+                done += vr.check(lib.tn_rx_fill(vr.vq, table, mrg, hdr, frame, len(frame), 1,
+                                                ctx.scratch, b))  # fmt: skip
+                full = b.ring_full
+                if not full:
+                    box.frames.popleft()
+                    ctx.counters.add_rx(b)
+            if not full:
+                done += vr.check(
+                    lib.tn_user_rx(vr.vq, table, mrg, hdr, data_valid, utable, p, BATCH,
+                                   ctx.scratch, b)
+                )  # fmt: skip
+                ctx.counters.add_rx(b)
+                full = b.ring_full
+                if utable.nattention:
+                    stack.udp.errors()
+            if done:
+                notify(ctx, vr)
+            if full:
+                if stalled and not done:
+                    vr.enable_notify()
+                    await wait_kick(ctx, vr)
+                    vr.disable_notify()
+                else:
+                    await wait_rx_room(ctx, vr)
+                stalled = not done
+                continue
+            stalled = False
+            if not box.frames and b.fd_blocked:
+                await trio.lowlevel.wait_readable(waker.fileno())
+            else:
+                await trio.lowlevel.checkpoint()
+    finally:
+        waker.close()
+
+
 _WORKERS = trio.CapacityLimiter(64)
 
 
@@ -257,6 +346,7 @@ async def run_worker(ctx: PairContext, *, tx_live: bool, rx_live: bool, tap_fd: 
     This task owns the thread: it starts it, and on cancellation writes the
     worker's stop eventfd and waits (shielded) until the thread has returned,
     so no worker outlives the pair's cancel scope."""
+    await trio.lowlevel.checkpoint_if_cancelled()  # see _guarded
     io = ffi.new("struct tn_pair_io *")
     io.tx = ctx.tx.vq if tx_live else ffi.NULL
     io.rx = ctx.rx.vq if rx_live else ffi.NULL
@@ -299,7 +389,12 @@ async def run_worker(ctx: PairContext, *, tx_live: bool, rx_live: bool, tap_fd: 
 
 
 async def run_pair(
-    ctx: PairContext, *, active: bool, tap_fd: int | None, threaded: bool = False
+    ctx: PairContext,
+    *,
+    active: bool,
+    tap_fd: int | None,
+    threaded: bool = False,
+    stack: UserStack | None = None,
 ) -> None:
     """Serve one queue pair until cancelled.
 
@@ -314,7 +409,12 @@ async def run_pair(
             reason = "tx_pair_inactive" if ctx.tx.enabled else "tx_ring_disabled"
             nursery.start_soon(_guarded, ctx, ctx.tx, lambda: discard_tx(ctx, reason))
         generate = rx_live and tap_fd is None and ctx.generate is not None
-        if threaded:
+        if stack is not None:  # the user stack runs on the Trio thread (--threads or not)
+            if tx_live:
+                nursery.start_soon(_guarded, ctx, ctx.tx, lambda: user_tx(ctx, stack))
+            if rx_live:
+                nursery.start_soon(_guarded, ctx, ctx.rx, lambda: user_rx(ctx, stack))
+        elif threaded:
             if tx_live or (rx_live and tap_fd is not None) or generate:
                 nursery.start_soon(
                     lambda: run_worker(ctx, tx_live=tx_live, rx_live=rx_live, tap_fd=tap_fd)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import trio
 
+from trionet.backends.user import UserBackend
 from trionet.errors import ProtocolError, RemoteProtocolError, RingError
 from trionet.memory import close_fds
 from trionet.native import ffi
@@ -105,12 +106,15 @@ class Session:
         self._activation_pairs = 1
         self._enables_pending = False
         self._host_applied = False  # the backend has not been told a count yet
+        self.stack = backend.stack if isinstance(backend, UserBackend) else None
 
     # ---- lifecycle ------------------------------------------------------------
 
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
+                if self.stack is not None:
+                    await nursery.start(self.stack.run)
                 self._nursery = nursery
                 try:
                     await self._serve()
@@ -403,7 +407,11 @@ class Session:
                 )
                 tap_fd = self._tap_fd(p)
                 await run_pair(
-                    ctx, active=p < self.active_pairs, tap_fd=tap_fd, threaded=self.threaded
+                    ctx,
+                    active=p < self.active_pairs,
+                    tap_fd=tap_fd,
+                    threaded=self.threaded,
+                    stack=self.stack,
                 )
                 await trio.sleep_forever()
         finally:
@@ -454,6 +462,7 @@ class Session:
             "device_status": self.proto.status,
             "active_changes": [{"count": n, "cause": c} for n, c in self.active_changes[-20:]],
             "flows": self.flows.stats(),
+            **({"user": self.stack.status()} if self.stack is not None else {}),
             "control": {
                 "rx_mode": self.control.rx_mode,
                 "mac": self.control.mac.hex(":") if self.control.mac else None,
