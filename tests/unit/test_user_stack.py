@@ -20,6 +20,7 @@ from trionet.backends.user.config import Forward
 from trionet.backends.user.stack import UserStack
 
 G_MAC, O_MAC = GUEST_MAC.hex(":"), OUR_MAC.hex(":")
+IP_RECVTTL = 12  # <linux/in.h>; not in Python's socket module
 
 
 @pytest.fixture
@@ -277,3 +278,42 @@ async def test_udp_flow_both_sides_spoke_lives_longer(autojump_clock: trio.abc.C
     finally:
         sender.close()
         stack.close()
+
+
+async def test_guest_ttl_kept_on_the_host_side(tmp_path: Path) -> None:
+    server = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await server.bind(("127.0.0.1", 0))
+    server.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+    async with user_guest(tmp_path, make_config()) as g:
+        frame = Ether(udp4(40030, server.getsockname()[1], b"ttl"))
+        frame[IP].ttl = 7
+        del frame[IP].chksum
+        g.send(0, bytes(frame))
+        with trio.fail_after(5):
+            data, anc, _flags, _addr = await server.recvmsg(100, socket.CMSG_SPACE(4))
+        assert data == b"ttl"
+        [(_level, _kind, ttl)] = anc
+        assert int.from_bytes(ttl, "little") == 7
+    server.close()
+
+
+@pytest.mark.root
+async def test_echo_through_a_ping_socket_keeps_the_guests_identifier(tmp_path: Path) -> None:
+    """With ping sockets allowed, the guest's echo to the gateway really goes to
+    the host's 127.0.0.1, and the reply carries the guest's identifier back."""
+    from tests.e2e.hostnet import ping_group_range
+
+    with ping_group_range(0, 0):
+        async with user_guest(tmp_path, make_config()) as g:
+            stack = g.service.session.stack  # type: ignore[union-attr]
+            assert stack.icmp.available
+            req = Ether(src=G_MAC, dst=O_MAC) / IP(src=str(GUEST4), dst=str(GW4)) / ICMP(
+                id=4242, seq=9
+            ) / Raw(b"via the host")
+            g.send(0, bytes(req))
+            reply = Ether(await g.recv(0))
+            assert reply[ICMP].type == 0 and reply[ICMP].id == 4242 and reply[ICMP].seq == 9
+            assert reply[Raw].load == b"via the host"
+            assert stack.handled["icmp_echo"] == 1
+            [flow] = [f for f in stack.status()["flows"] if f["proto"] == "icmp"]
+            assert flow["replies"] == 1

@@ -87,7 +87,7 @@ class UdpFlows:
                 target = host_target(self.stack.cfg, pkt.dst, pkt.dport)
             except Unroutable as exc:
                 raise P.Drop(f"udp_{exc.reason}") from None
-            flow = self._open(key, target, pkt.sport, pair)
+            flow = self._open(key, target, pkt.sport, pair, pkt.ttl)
         else:
             self.move(flow, pair)
         self.fast.flow(flow.slot).spoke |= lib.TN_UFLOW_GUEST_SPOKE
@@ -101,10 +101,15 @@ class UdpFlows:
             self._translate_errors(flow)
         flow.stamp = trio.current_time()
 
-    def _open(self, key: Key, target: Target, sport: int, pair: int) -> UdpFlow:
+    def _open(self, key: Key, target: Target, sport: int, pair: int, ttl: int) -> UdpFlow:
         family = socket.AF_INET if isinstance(target.address, IPv4Address) else socket.AF_INET6
         sock = self._socket(family)
         try:
+            # the guest's TTL / hop limit goes on with its datagrams
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
             self._bind_port(sock, family, sport)
             sock.connect(target.sockaddr)
         except OSError as exc:
