@@ -1,5 +1,8 @@
 """Helpers for tools/bench: run DPDK testpmd (virtio-user frontend, net_vhost baseline
-backend) and trionet, parse testpmd statistics, and clean up reliably.
+backend) and trionet, parse testpmd statistics, and clean up reliably; plus what the
+namespace rigs of the tcp and udp sections share (short commands, links inside a
+namespace, the testpmd net_tap <-> virtio-user bridge that plays a guest's driver,
+CPU time of a process, small C tools built at run time).
 
 Every process started here gets its own session, is tracked in a registry and is
 stopped by pid (SIGINT first, so testpmd prints its final statistics and releases
@@ -10,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +34,14 @@ EAL_LOG_LEVEL = "--log-level=4"  # warnings and worse
 
 BACKEND_CPU = 0
 FRONTEND_CPU = 1
+
+# virtio ring size of the namespace rigs' virtio-user port: the largest ring QEMU's
+# virtio-net offers (virtio-user's own default is 256); see tools/benchtcp.py.
+VIRTIO_QUEUE_SIZE = 1024
+# testpmd application arguments of a two-port io-mode bridge.  --stats-period keeps
+# testpmd forwarding with stdin at EOF (without it, testpmd waits for Enter and would
+# stop at once); SIGINT ends it.
+IO_BRIDGE_ARGS = ("--forward-mode=io", "--port-topology=paired", "--stats-period=1")
 
 
 class BenchError(RuntimeError):
@@ -174,21 +187,24 @@ def vm_rss_kib(pid: int) -> int:
     raise BenchError(f"no VmRSS in /proc/{pid}/status")
 
 
-def cpu_busy_fraction(interval: float) -> float:
-    """Fraction of all CPUs' time that was not idle/iowait over `interval` seconds."""
+def cpu_busy_fraction(interval: float, exclude: Sequence[int] = ()) -> float:
+    """Fraction of all CPUs' time that was not idle/iowait over `interval` seconds,
+    less the CPU time the processes `exclude` (pids; all their threads) used meanwhile."""
+    tck = os.sysconf("SC_CLK_TCK")
 
-    def read() -> tuple[int, int]:
+    def read() -> tuple[int, int, float]:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
         idle = fields[3] + fields[4]
-        return sum(fields), idle
+        own = sum(c[0] for pid in exclude if (c := cpu_seconds(pid)) is not None)
+        return sum(fields), idle, own * tck
 
-    total0, idle0 = read()
+    total0, idle0, own0 = read()
     time.sleep(interval)
-    total1, idle1 = read()
+    total1, idle1, own1 = read()
     if total1 == total0:
         return 0.0
-    return 1.0 - (idle1 - idle0) / (total1 - total0)
+    return max(0.0, 1.0 - (idle1 - idle0 + own1 - own0) / (total1 - total0))
 
 
 def dpdk_runtime_dir(prefix: str) -> Path:
@@ -198,6 +214,154 @@ def dpdk_runtime_dir(prefix: str) -> Path:
 
 def remove_dpdk_runtime_dir(prefix: str) -> None:
     shutil.rmtree(dpdk_runtime_dir(prefix), ignore_errors=True)
+
+
+def wait_for_output(proc: Proc, needle: str, timeout: float) -> None:
+    """Wait until `proc` has printed a line containing `needle`."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while True:
+        lines = proc.snapshot()
+        if any(needle in ln.text for ln in lines[seen:]):
+            return
+        seen = len(lines)
+        if not proc.alive():
+            raise BenchError(
+                f"{proc.name} exited with status {proc.popen.returncode} before printing "
+                f"{needle!r}; last output:\n{proc.tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"{proc.name} did not print {needle!r} within {timeout:.0f} s; last output:\n"
+                f"{proc.tail()}"
+            )
+        time.sleep(0.05)
+
+
+def wait_exit(proc: Proc, timeout: float) -> int:
+    """Wait for `proc` to finish on its own; stop it (and fail) after `timeout`."""
+    try:
+        code = proc.popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc, grace=3.0)
+        raise BenchError(
+            f"{proc.name} did not finish within {timeout:.0f} s; last output:\n{proc.tail()}"
+        ) from None
+    if proc.reader is not None:
+        proc.reader.join(timeout=5.0)
+    return code
+
+
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """(user + system CPU seconds of all of `pid`'s threads, monotonic time) or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK"), time.monotonic()
+
+
+def venv_python(repo: Path) -> str:
+    """The interpreter that runs trionet: the repository's .venv, else this one."""
+    venv = repo / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def trionet_env(repo: Path) -> dict[str, str]:
+    """The environment for ``python -m trionet`` run from the repository `repo`."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def build_c_tool(src: Path, workdir: Path) -> Path:
+    """Compile the one-file C program `src` into `workdir`; return the binary's path."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise BenchError(f"no C compiler (cc) to build {src.name}")
+    out = workdir / src.stem
+    run_cmd([cc, "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)], f"build {src.stem}", 60.0)
+    return out
+
+
+# --------------------------------------------------------------------------- namespaces
+
+
+def run_cmd(argv: Sequence[str], what: str, timeout: float = 10.0) -> str:
+    """Run a short command to completion; BenchError with its output if it fails."""
+    try:
+        done = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{what}: '{' '.join(argv)}' timed out after {timeout:g} s") from exc
+    except OSError as exc:
+        raise BenchError(f"{what}: cannot execute {argv[0]}: {exc}") from exc
+    if done.returncode != 0:
+        out = (done.stderr or done.stdout).strip()
+        raise BenchError(f"{what}: '{' '.join(argv)}' exited {done.returncode}: {out}")
+    return done.stdout
+
+
+def netns_exec(ns: str) -> list[str]:
+    """Command prefix that runs the rest of a command line in named namespace `ns`."""
+    return ["ip", "netns", "exec", ns]
+
+
+def link_exists(ns: str, ifname: str) -> bool:
+    return (
+        subprocess.run(
+            ["ip", "-n", ns, "link", "show", "dev", ifname],
+            capture_output=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        ).returncode
+        == 0
+    )
+
+
+def wait_for_link(ns: str, ifname: str, owner: Proc, timeout: float) -> None:
+    """Wait until `owner` (the process that creates it) has made `ifname` in `ns`."""
+    deadline = time.monotonic() + timeout
+    while not link_exists(ns, ifname):
+        if not owner.alive():
+            raise BenchError(
+                f"{owner.name} exited with status {owner.popen.returncode} before creating "
+                f"{ifname}; last output:\n{owner.tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"{owner.name} did not create {ifname} in namespace {ns} within "
+                f"{timeout:.0f} s; last output:\n{owner.tail()}"
+            )
+        time.sleep(0.05)
+
+
+def configure_link(
+    ns: str, ifname: str, cidr: str, *, mtu: int | None = None, gateway: str | None = None
+) -> None:
+    """Bring up `lo` and `ifname` in `ns` with address `cidr` (ADDR/PREFIX), optionally
+    an MTU and a default route via `gateway`."""
+    run_cmd(["ip", "-n", ns, "link", "set", "dev", "lo", "up"], "loopback up")
+    run_cmd(["ip", "-n", ns, "addr", "add", cidr, "dev", ifname], "add address")
+    if mtu is not None:
+        run_cmd(["ip", "-n", ns, "link", "set", "dev", ifname, "mtu", str(mtu)], "set MTU")
+    run_cmd(["ip", "-n", ns, "link", "set", "dev", ifname, "up"], f"set {ifname} up")
+    if gateway is not None:
+        run_cmd(["ip", "-n", ns, "route", "add", "default", "via", gateway], "default route")
+
+
+def link_drops(ns: str, ifname: str) -> int | None:
+    """RX + TX frames the kernel dropped on `ifname` in `ns` (None if unreadable)."""
+    try:
+        out = run_cmd(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", ifname], "link stats")
+        stats = json.loads(out)[0]["stats64"]
+        return int(stats["rx"]["dropped"]) + int(stats["tx"]["dropped"])
+    except (BenchError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------- testpmd
@@ -226,6 +390,29 @@ def testpmd_argv(
         "--nb-cores=1",
         *app_args,
     ]
+
+
+def with_extra_vdevs(argv: list[str], vdevs: Sequence[str]) -> list[str]:
+    """Insert more `--vdev X` EAL arguments into a testpmd_argv() command line."""
+    sep = argv.index("--")
+    extra = [a for v in vdevs for a in ("--vdev", v)]
+    return [*argv[:sep], *extra, *argv[sep:]]
+
+
+def bridge_frontend_argv(
+    *, prefix: str, tap: str, sock: Path, queue_size: int = VIRTIO_QUEUE_SIZE
+) -> list[str]:
+    """testpmd playing a guest's virtio-net driver, on FRONTEND_CPU: port 0 is a
+    net_tap whose kernel side is `tap` (made in the namespace testpmd runs in), port 1
+    a net_virtio_user port on the vhost-user socket `sock`, one queue pair, io mode:
+    every frame the kernel sends on `tap` goes into the virtio TX ring, every frame
+    the backend puts in the virtio RX ring comes out of `tap`."""
+    argv = testpmd_argv(
+        cpu=FRONTEND_CPU, prefix=prefix, vdev=f"net_tap0,iface={tap}", app_args=IO_BRIDGE_ARGS
+    )
+    return with_extra_vdevs(
+        argv, [f"net_virtio_user0,path={sock},queues=1,queue_size={queue_size}"]
+    )
 
 
 @dataclass

@@ -117,12 +117,7 @@ def _run(argv: Sequence[str], what: str) -> str:
 
 def build_tapflood(workdir: Path) -> Path:
     """Compile tools/tapflood.c into `workdir`; return the binary's path."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise bl.BenchError("no C compiler (cc) to build tapflood")
-    out = workdir / "tapflood"
-    _run([cc, "-O2", "-Wall", "-Wextra", "-o", str(out), str(TAPFLOOD_SRC)], "build tapflood")
-    return out
+    return bl.build_c_tool(TAPFLOOD_SRC, workdir)
 
 
 @contextlib.contextmanager
@@ -467,8 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in args.sizes.split(",") if x]
     python = args.python
     if python is None:
-        venv = REPO / ".venv" / "bin" / "python"
-        python = str(venv) if venv.exists() else sys.executable
+        python = bl.venv_python(REPO)
     if os.geteuid() != 0:
         print("benchtap: needs root (network namespaces, /dev/net/tun)", file=sys.stderr)
         return 2

@@ -128,7 +128,7 @@ HOST_ADDR = "10.77.0.2"
 PREFIX_LEN = 24
 IPERF_PORT = 5201
 OMIT_S = 1
-DEFAULT_QUEUE_SIZE = 1024
+DEFAULT_QUEUE_SIZE = bl.VIRTIO_QUEUE_SIZE
 
 # ICMP echo from inside a namespace: argv = destination, count, per-reply timeout.
 # Exit status 0 if at least one reply came back.
@@ -185,89 +185,12 @@ class TcpRow:
 # --------------------------------------------------------------------------- helpers
 
 
-def _run(argv: Sequence[str], what: str, timeout: float = 10.0) -> str:
-    """Run a short command to completion; BenchError with its output if it fails."""
-    try:
-        done = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise bl.BenchError(f"{what}: '{' '.join(argv)}' timed out after {timeout:g} s") from exc
-    except OSError as exc:
-        raise bl.BenchError(f"{what}: cannot execute {argv[0]}: {exc}") from exc
-    if done.returncode != 0:
-        out = (done.stderr or done.stdout).strip()
-        raise bl.BenchError(f"{what}: '{' '.join(argv)}' exited {done.returncode}: {out}")
-    return done.stdout
-
-
-def _in_ns(ns: str) -> list[str]:
-    return ["ip", "netns", "exec", ns]
-
-
-def _link_exists(ns: str, ifname: str) -> bool:
-    return (
-        subprocess.run(
-            ["ip", "-n", ns, "link", "show", "dev", ifname],
-            capture_output=True,
-            timeout=10,
-            stdin=subprocess.DEVNULL,
-        ).returncode
-        == 0
-    )
-
-
-def _wait_for_link(ns: str, ifname: str, owner: bl.Proc, timeout: float) -> None:
-    """Wait until `owner` (the process that creates it) has made `ifname` in `ns`."""
-    deadline = time.monotonic() + timeout
-    while not _link_exists(ns, ifname):
-        if not owner.alive():
-            raise bl.BenchError(
-                f"{owner.name} exited with status {owner.popen.returncode} before creating "
-                f"{ifname}; last output:\n{owner.tail()}"
-            )
-        if time.monotonic() > deadline:
-            raise bl.BenchError(
-                f"{owner.name} did not create {ifname} in namespace {ns} within "
-                f"{timeout:.0f} s; last output:\n{owner.tail()}"
-            )
-        time.sleep(0.05)
-
-
-def _configure_link(ns: str, ifname: str, addr: str) -> None:
-    _run(["ip", "-n", ns, "link", "set", "dev", "lo", "up"], "loopback up")
-    _run(["ip", "-n", ns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", ifname], "add address")
-    _run(["ip", "-n", ns, "link", "set", "dev", ifname, "up"], f"set {ifname} up")
-
-
-def _wait_for_output(proc: bl.Proc, needle: str, timeout: float) -> None:
-    """Wait until `proc` has printed a line containing `needle`."""
-    deadline = time.monotonic() + timeout
-    seen = 0
-    while True:
-        lines = proc.snapshot()
-        if any(needle in ln.text for ln in lines[seen:]):
-            return
-        seen = len(lines)
-        if not proc.alive():
-            raise bl.BenchError(
-                f"{proc.name} exited with status {proc.popen.returncode} before printing "
-                f"{needle!r}; last output:\n{proc.tail()}"
-            )
-        if time.monotonic() > deadline:
-            raise bl.BenchError(
-                f"{proc.name} did not print {needle!r} within {timeout:.0f} s; last output:\n"
-                f"{proc.tail()}"
-            )
-        time.sleep(0.05)
-
-
 def _wait_for_listener(ns: str, port: int, proc: bl.Proc, timeout: float) -> None:
     """Wait until something in `ns` listens on TCP `port` (the iperf3 server)."""
     deadline = time.monotonic() + timeout
     while True:
-        out = _run(
-            [*_in_ns(ns), "ss", "-Htln", f"sport = :{port}"], "list listening sockets"
+        out = bl.run_cmd(
+            [*bl.netns_exec(ns), "ss", "-Htln", f"sport = :{port}"], "list listening sockets"
         ).strip()
         if out:
             return
@@ -283,7 +206,7 @@ def _wait_for_listener(ns: str, port: int, proc: bl.Proc, timeout: float) -> Non
 
 def _ping(ns: str, dst: str, count: int = 3, timeout: float = 1.0) -> str:
     """ICMP echo from namespace `ns` to `dst`; BenchError unless a reply comes back."""
-    argv = [*_in_ns(ns), sys.executable, "-c", _PING, dst, str(count), str(timeout)]
+    argv = [*bl.netns_exec(ns), sys.executable, "-c", _PING, dst, str(count), str(timeout)]
     what = f"no ICMP echo reply from {dst} (namespace {ns}, {count} requests)"
     try:
         done = subprocess.run(
@@ -301,55 +224,12 @@ def _ping(ns: str, dst: str, count: int = 3, timeout: float = 1.0) -> str:
     return lines[-1] if lines else ""
 
 
-def _with_extra_vdevs(argv: list[str], vdevs: Sequence[str]) -> list[str]:
-    """Insert more `--vdev X` EAL arguments into a bl.testpmd_argv() command line."""
-    sep = argv.index("--")
-    extra = [a for v in vdevs for a in ("--vdev", v)]
-    return [*argv[:sep], *extra, *argv[sep:]]
-
-
-def _wait_exit(proc: bl.Proc, timeout: float) -> int:
-    """Wait for `proc` to finish on its own; stop it (and fail) after `timeout`."""
-    try:
-        code = proc.popen.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        bl.stop(proc, grace=3.0)
-        raise bl.BenchError(
-            f"{proc.name} did not finish within {timeout:.0f} s; last output:\n{proc.tail()}"
-        ) from None
-    if proc.reader is not None:
-        proc.reader.join(timeout=5.0)
-    return code
-
-
-def _cpu_seconds(pid: int) -> tuple[float, float] | None:
-    """(user + system CPU seconds of all of `pid`'s threads, monotonic time) or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
-    ticks = int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK"), time.monotonic()
-
-
 def _sample_cpu(backend: bl.Proc, client: bl.Proc, wait: float) -> tuple[float, float] | None:
     """The backend's CPU seconds once `wait` seconds of the client's run have passed."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline and client.alive():
         time.sleep(0.05)
-    return _cpu_seconds(backend.pid) if client.alive() else None
-
-
-def _tap_drops(ns: str, ifname: str) -> int | None:
-    """RX + TX frames the kernel dropped on `ifname` in `ns` (None if unreadable)."""
-    try:
-        out = _run(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", ifname], "link stats")
-        stats = json.loads(out)[0]["stats64"]
-        return int(stats["rx"]["dropped"]) + int(stats["tx"]["dropped"])
-    except (bl.BenchError, ValueError, KeyError, IndexError, TypeError):
-        return None
+    return bl.cpu_seconds(backend.pid) if client.alive() else None
 
 
 def _trionet_status(path: Path) -> dict[str, Any] | None:
@@ -448,11 +328,6 @@ class _Run:
         self.procs.append(proc)
         return proc
 
-    def _testpmd_app_args(self) -> list[str]:
-        # --stats-period keeps testpmd forwarding with stdin at EOF (without it,
-        # testpmd waits for Enter and would stop at once); SIGINT ends it.
-        return ["--forward-mode=io", "--port-topology=paired", "--stats-period=1"]
-
     def _iperf_pin(self, cpu: int) -> list[str]:
         return bl.cpu_pin_prefix(cpu) if self.pin_iperf else []
 
@@ -460,7 +335,7 @@ class _Run:
 
     def start_trionet(self) -> bl.Proc:
         argv = [
-            *_in_ns(self.ns_host),
+            *bl.netns_exec(self.ns_host),
             *bl.cpu_pin_prefix(bl.BACKEND_CPU),
             self.python,
             "-m",
@@ -477,31 +352,23 @@ class _Run:
             str(self.control),
             *self.trionet_args,
         ]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        return self._spawn("trionet", argv, env=env)
+        return self._spawn("trionet", argv, env=bl.trionet_env(REPO))
 
     def start_dpdk_backend(self) -> bl.Proc:
         argv = bl.testpmd_argv(
             cpu=bl.BACKEND_CPU,
             prefix=self.be_prefix,
             vdev=f"net_vhost0,iface={self.sock},queues=1",
-            app_args=self._testpmd_app_args(),
+            app_args=bl.IO_BRIDGE_ARGS,
         )
-        argv = _with_extra_vdevs(argv, [f"net_tap1,iface={HOST_IF}"])
-        return self._spawn("backend testpmd", [*_in_ns(self.ns_host), *argv])
+        argv = bl.with_extra_vdevs(argv, [f"net_tap1,iface={HOST_IF}"])
+        return self._spawn("backend testpmd", [*bl.netns_exec(self.ns_host), *argv])
 
     def start_frontend(self) -> bl.Proc:
-        argv = bl.testpmd_argv(
-            cpu=bl.FRONTEND_CPU,
-            prefix=self.fe_prefix,
-            vdev=f"net_tap0,iface={GUEST_IF}",
-            app_args=self._testpmd_app_args(),
+        argv = bl.bridge_frontend_argv(
+            prefix=self.fe_prefix, tap=GUEST_IF, sock=self.sock, queue_size=self.queue_size
         )
-        argv = _with_extra_vdevs(
-            argv, [f"net_virtio_user0,path={self.sock},queues=1,queue_size={self.queue_size}"]
-        )
-        return self._spawn("frontend testpmd", [*_in_ns(self.ns_guest), *argv])
+        return self._spawn("frontend testpmd", [*bl.netns_exec(self.ns_guest), *argv])
 
     # ---------------------------------------------------------------- run
 
@@ -510,7 +377,7 @@ class _Run:
         frontend: bl.Proc | None = None
         try:
             for ns in (self.ns_guest, self.ns_host):
-                _run(["ip", "netns", "add", ns], "create namespace")
+                bl.run_cmd(["ip", "netns", "add", ns], "create namespace")
                 self.namespaces.append(ns)
 
             if self.backend == "trionet":
@@ -518,20 +385,20 @@ class _Run:
             else:
                 backend = self.start_dpdk_backend()
             bl.wait_for_socket(self.sock, backend, timeout=30.0)
-            _wait_for_link(self.ns_host, HOST_IF, backend, timeout=15.0)
-            _configure_link(self.ns_host, HOST_IF, HOST_ADDR)
+            bl.wait_for_link(self.ns_host, HOST_IF, backend, timeout=15.0)
+            bl.configure_link(self.ns_host, HOST_IF, f"{HOST_ADDR}/{PREFIX_LEN}")
 
             frontend = self.start_frontend()
-            _wait_for_link(self.ns_guest, GUEST_IF, frontend, timeout=30.0)
-            _configure_link(self.ns_guest, GUEST_IF, GUEST_ADDR)
+            bl.wait_for_link(self.ns_guest, GUEST_IF, frontend, timeout=30.0)
+            bl.configure_link(self.ns_guest, GUEST_IF, f"{GUEST_ADDR}/{PREFIX_LEN}")
             # Forwarding has started once testpmd prints its first statistics.
-            _wait_for_output(frontend, "Port statistics", timeout=30.0)
+            bl.wait_for_output(frontend, "Port statistics", timeout=30.0)
             _ping(self.ns_guest, HOST_ADDR)
 
             server = self._spawn(
                 "iperf3 server",
                 [
-                    *_in_ns(self.ns_host),
+                    *bl.netns_exec(self.ns_host),
                     *self._iperf_pin(bl.BACKEND_CPU),
                     "iperf3",
                     "-s",
@@ -546,7 +413,7 @@ class _Run:
             client = self._spawn(
                 "iperf3 client",
                 [
-                    *_in_ns(self.ns_guest),
+                    *bl.netns_exec(self.ns_guest),
                     *self._iperf_pin(bl.FRONTEND_CPU),
                     "iperf3",
                     "-c",
@@ -568,8 +435,8 @@ class _Run:
             # The backend's CPU time (all threads, user + system, including the host
             # kernel's receive path run inside its writes) over the measured seconds.
             cpu0 = _sample_cpu(backend, client, wait=OMIT_S + 0.5)
-            code = _wait_exit(client, timeout=self.seconds + OMIT_S + 30.0)
-            cpu1 = _cpu_seconds(backend.pid)
+            code = bl.wait_exit(client, timeout=self.seconds + OMIT_S + 30.0)
+            cpu1 = bl.cpu_seconds(backend.pid)
             if cpu0 is not None and cpu1 is not None and cpu1[1] > cpu0[1]:
                 row.backend_cpu = (cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1])
             sent, received, retr = _parse_iperf(client, code)
@@ -582,7 +449,7 @@ class _Run:
                         f"{proc.name} exited (status {proc.popen.returncode}) during the run; "
                         f"last output:\n{proc.tail()}"
                     )
-            taps = [_tap_drops(self.ns_guest, GUEST_IF), _tap_drops(self.ns_host, HOST_IF)]
+            taps = [bl.link_drops(self.ns_guest, GUEST_IF), bl.link_drops(self.ns_host, HOST_IF)]
             row.tap_dropped = sum(t for t in taps if t is not None)
             if self.backend == "trionet":
                 row.be_dropped = _trionet_drops(self.control)
@@ -772,8 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     python = args.python
     if python is None:
-        venv = REPO / ".venv" / "bin" / "python"
-        python = str(venv) if venv.exists() else sys.executable
+        python = bl.venv_python(REPO)
     busy = bl.cpu_busy_fraction(1.0)
     if busy > 0.2:
         print(
