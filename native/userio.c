@@ -7,6 +7,8 @@
  * buffers behind room for the headers, which are written afterwards. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -189,6 +191,41 @@ static int valid_slot(const struct tn_utable *t, int slot)
     return slot >= 0 && slot < TN_UFLOW_MAX && t->flows[slot].live;
 }
 
+/* ---- locks: see userio.h ---------------------------------------------------- */
+
+struct locks {
+    pthread_rwlock_t index;   /* read: a batch; write: add / del / move from Python */
+    pthread_mutex_t move;     /* a batch moving a flow to its pair */
+    pthread_mutex_t attention;
+};
+
+static struct locks *locks(const struct tn_utable *t) { return t->lock; }
+static void read_lock(struct tn_utable *t) { pthread_rwlock_rdlock(&locks(t)->index); }
+static void write_lock(struct tn_utable *t) { pthread_rwlock_wrlock(&locks(t)->index); }
+static void unlock(struct tn_utable *t) { pthread_rwlock_unlock(&locks(t)->index); }
+static void count(uint64_t *counter, uint64_t n) { __atomic_fetch_add(counter, n, __ATOMIC_RELAXED); }
+
+static struct locks *locks_new(void)
+{
+    struct locks *l = calloc(1, sizeof(*l));
+    pthread_rwlockattr_t attr;
+    if (l == NULL || pthread_rwlockattr_init(&attr) != 0) {
+        free(l);
+        return NULL;
+    }
+    /* readers come back batch after batch: the default (readers first) would starve Python */
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    int rc = pthread_rwlock_init(&l->index, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    if (rc != 0) {
+        free(l);
+        return NULL;
+    }
+    pthread_mutex_init(&l->move, NULL);
+    pthread_mutex_init(&l->attention, NULL);
+    return l;
+}
+
 void tn_slow_reset(struct tn_slow *s)
 {
     s->n = 0;
@@ -199,6 +236,9 @@ void tn_slow_reset(struct tn_slow *s)
 int tn_utable_init(struct tn_utable *t)
 {
     memset(t, 0, sizeof(*t));
+    t->lock = locks_new();
+    if (t->lock == NULL)
+        return -ENOMEM;
     for (int i = 0; i < TN_UFLOW_INDEX; i++)
         t->index[i] = -1;
     for (int i = 0; i < TN_UFLOW_MAX; i++)
@@ -224,10 +264,18 @@ void tn_utable_close(struct tn_utable *t)
             close(t->epfd[i]);
         t->epfd[i] = -1;
     }
+    struct locks *l = t->lock;
+    if (l != NULL) {
+        pthread_rwlock_destroy(&l->index);
+        pthread_mutex_destroy(&l->move);
+        pthread_mutex_destroy(&l->attention);
+        free(l);
+        t->lock = NULL;
+    }
 }
 
-int tn_uflow_find(const struct tn_utable *t, int v6, const uint8_t *src, const uint8_t *dst,
-                  uint16_t sport, uint16_t dport)
+static int find(const struct tn_utable *t, int v6, const uint8_t *src, const uint8_t *dst,
+                uint16_t sport, uint16_t dport)
 {
     uint32_t pos = key_hash(v6, src, dst, sport, dport) & INDEX_MASK;
     for (int i = 0; i < TN_UFLOW_INDEX; i++) {
@@ -239,6 +287,31 @@ int tn_uflow_find(const struct tn_utable *t, int v6, const uint8_t *src, const u
         pos = (pos + 1) & INDEX_MASK;
     }
     return -1;
+}
+
+int tn_uflow_find(struct tn_utable *t, int v6, const uint8_t *src, const uint8_t *dst,
+                  uint16_t sport, uint16_t dport)
+{
+    read_lock(t);
+    int slot = find(t, v6, src, dst, sport, dport);
+    unlock(t);
+    return slot;
+}
+
+/* Set spoke bits: atomically, since another pair's batch or Python may set
+ * the other bit at the same time (a plain load first: mostly they are set). */
+static void spoke(struct tn_uflow *f, uint8_t bits)
+{
+    if ((__atomic_load_n(&f->spoke, __ATOMIC_RELAXED) & bits) != bits)
+        __atomic_fetch_or(&f->spoke, bits, __ATOMIC_RELAXED);
+}
+
+void tn_uflow_spoke(struct tn_utable *t, int slot, uint8_t bits)
+{
+    read_lock(t);
+    if (valid_slot(t, slot))
+        spoke(&t->flows[slot], bits);
+    unlock(t);
 }
 
 static int ep_add(struct tn_utable *t, uint8_t pair, int fd, int slot)
@@ -257,7 +330,7 @@ static int template_ok(const struct tn_uflow *f)
            p[14] == 0x45 && p[23] == 17;
 }
 
-int tn_uflow_add(struct tn_utable *t, const struct tn_uflow *f)
+static int add(struct tn_utable *t, const struct tn_uflow *f)
 {
     if (f->fd < 0 || f->pair >= TN_UFLOW_PAIRS || f->v6 > 1 || !template_ok(f))
         return -EINVAL;
@@ -289,7 +362,15 @@ int tn_uflow_add(struct tn_utable *t, const struct tn_uflow *f)
     return slot;
 }
 
-void tn_uflow_del(struct tn_utable *t, int slot)
+int tn_uflow_add(struct tn_utable *t, const struct tn_uflow *f)
+{
+    write_lock(t);
+    int rc = add(t, f);
+    unlock(t);
+    return rc;
+}
+
+static void del(struct tn_utable *t, int slot)
 {
     if (!valid_slot(t, slot))
         return;
@@ -317,45 +398,77 @@ void tn_uflow_del(struct tn_utable *t, int slot)
             }
         }
     }
+    pthread_mutex_lock(&locks(t)->attention);
     for (uint32_t a = 0; a < t->nattention && a < TN_UATTENTION_MAX; a++) {
         if (t->attention[a] == slot) {
             t->attention[a] = t->attention[--t->nattention];
             break;
         }
     }
+    pthread_mutex_unlock(&locks(t)->attention);
     f->live = 0;
     f->fd = -1;
     t->free_slots[t->nfree++] = (uint16_t)slot;
     t->count--;
 }
 
-int tn_uflow_move(struct tn_utable *t, int slot, uint8_t pair)
+void tn_uflow_del(struct tn_utable *t, int slot)
 {
-    if (!valid_slot(t, slot) || pair >= TN_UFLOW_PAIRS)
-        return -EINVAL;
+    write_lock(t);
+    del(t, slot);
+    unlock(t);
+}
+
+/* Re-home a live flow onto pair's epoll set (the caller holds the write lock,
+ * or the read lock and the move mutex). */
+static int move(struct tn_utable *t, int slot, uint8_t pair)
+{
     struct tn_uflow *f = &t->flows[slot];
-    if (f->pair == pair)
+    uint8_t from = __atomic_load_n(&f->pair, __ATOMIC_RELAXED);
+    if (from == pair)
         return 0;
     int rc = ep_add(t, pair, f->fd, slot);
     if (rc < 0)
         return rc;
-    epoll_ctl(t->epfd[f->pair], EPOLL_CTL_DEL, f->fd, NULL);
-    f->pair = pair;
+    epoll_ctl(t->epfd[from], EPOLL_CTL_DEL, f->fd, NULL);
+    __atomic_store_n(&f->pair, pair, __ATOMIC_RELAXED);
     return 0;
+}
+
+int tn_uflow_move(struct tn_utable *t, int slot, uint8_t pair)
+{
+    write_lock(t);
+    int rc = !valid_slot(t, slot) || pair >= TN_UFLOW_PAIRS ? -EINVAL : move(t, slot, pair);
+    unlock(t);
+    return rc;
 }
 
 /* A socket error: Python reads the flow's error queue and clears err. */
 static void flag_err(struct tn_utable *t, int slot)
 {
     struct tn_uflow *f = &t->flows[slot];
-    if (f->err)
-        return;
-    t->sock_errors++;
-    f->err = 1;
-    if (t->nattention < TN_UATTENTION_MAX)
-        t->attention[t->nattention++] = slot;
-    else
-        t->attention_overflow = 1;
+    pthread_mutex_lock(&locks(t)->attention);
+    if (!f->err) {
+        f->err = 1;
+        if (t->nattention < TN_UATTENTION_MAX)
+            t->attention[t->nattention++] = slot;
+        else
+            t->attention_overflow = 1;
+        count(&t->sock_errors, 1);
+    }
+    pthread_mutex_unlock(&locks(t)->attention);
+}
+
+uint32_t tn_uattention_take(struct tn_utable *t, int32_t *out, uint8_t *overflow)
+{
+    pthread_mutex_lock(&locks(t)->attention);
+    uint32_t n = t->nattention < TN_UATTENTION_MAX ? t->nattention : TN_UATTENTION_MAX;
+    memcpy(out, t->attention, n * sizeof(*out));
+    *overflow = t->attention_overflow;
+    t->nattention = 0;
+    t->attention_overflow = 0;
+    pthread_mutex_unlock(&locks(t)->attention);
+    return n;
 }
 
 /* ---- guest TX -------------------------------------------------------------- */
@@ -457,7 +570,7 @@ static void run_flush(struct tx_run *r, struct tn_utable *t, struct tn_batch *b)
                 b->packets++;
                 b->bytes += r->frame[j];
             }
-            t->tx_fast += (uint32_t)k;
+            count(&t->tx_fast, (uint32_t)k);
             i += (uint32_t)k;
             continue;
         }
@@ -469,7 +582,7 @@ static void run_flush(struct tx_run *r, struct tn_utable *t, struct tn_batch *b)
         else if (e != ENOBUFS && e != EINTR)
             flag_err(t, r->slot[i]);
         b->drops_io += lost;
-        t->tx_dropped += lost;
+        count(&t->tx_dropped, lost);
         i += lost;
     }
     r->n = 0;
@@ -493,8 +606,19 @@ static int to_slow(struct tn_slow *slow, const struct iovec *iov, uint32_t n, ui
     return 1;
 }
 
-int tn_user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, uint32_t max,
-               struct tn_utable *t, uint8_t pair, struct tn_slow *slow, struct tn_batch *b)
+/* A guest datagram for a flow homed on another pair: the flow moves here. */
+static void follow(struct tn_utable *t, int slot, uint8_t pair)
+{
+    if (__atomic_load_n(&t->flows[slot].pair, __ATOMIC_RELAXED) == pair)
+        return;
+    pthread_mutex_lock(&locks(t)->move);
+    if (move(t, slot, pair) < 0)
+        count(&t->epoll_errors, 1);
+    pthread_mutex_unlock(&locks(t)->move);
+}
+
+static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, uint32_t max,
+                   struct tn_utable *t, uint8_t pair, struct tn_slow *slow, struct tn_batch *b)
 {
     struct iovec iov[TN_MAX_CHAIN_IOV];
     struct tx_run run = {.fd = -1};
@@ -543,14 +667,14 @@ int tn_user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, uint3
         struct udp_frame u;
         int slot = -1;
         if (hdr_len <= VNET_HDR_MAX && gso == 0 && parse_udp(h + hdr_len, got - hdr_len, flen, &u))
-            slot = tn_uflow_find(t, u.v6, u.src, u.dst, u.sport, u.dport);
+            slot = find(t, u.v6, u.src, u.dst, u.sport, u.dport);
         if (slot < 0) {
             if (!to_slow(slow, ch, nch, hdr_len, flen, pair, flags)) {
                 tn_vq_rewind(vq, 1);  /* Python drains slow and calls again */
                 slow->full = 1;
                 break;
             }
-            t->tx_slow++;
+            count(&t->tx_slow, 1);
             b->packets++;
             b->bytes += flen;
             tn_vq_push(vq, head, 0);
@@ -564,14 +688,13 @@ int tn_user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, uint3
         done++;
         if (!checksums_ok(h + hdr_len, &u, pl, npl, flags & VNET_F_NEEDS_CSUM)) {
             b->drops_bad_frame++;
-            t->tx_bad_csum++;
+            count(&t->tx_bad_csum, 1);
             continue;
         }
         struct tn_uflow *f = &t->flows[slot];
-        f->spoke |= TN_UFLOW_GUEST_SPOKE;
+        spoke(f, TN_UFLOW_GUEST_SPOKE);
         f->last_active = now;
-        if (f->pair != pair && tn_uflow_move(t, slot, pair) < 0)
-            t->epoll_errors++;
+        follow(t, slot, pair);
         if (run.n > 0 && (run.fd != f->fd || run.n >= TX_RUN)) {
             run_flush(&run, t, b);
             memmove(iov, pl, npl * sizeof(*pl));  /* keep this one's iovecs at the front */
@@ -594,6 +717,15 @@ int tn_user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, uint3
     return done;
 }
 
+int tn_user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, uint32_t max,
+               struct tn_utable *t, uint8_t pair, struct tn_slow *slow, struct tn_batch *b)
+{
+    read_lock(t);
+    int rc = user_tx(vq, m, hdr_len, max, t, pair, slow, b);
+    unlock(t);
+    return rc;
+}
+
 /* ---- guest RX -------------------------------------------------------------- */
 
 struct rx_ctx {
@@ -608,6 +740,7 @@ struct rx_ctx {
     int mrg;
     int data_valid;
     uint64_t now;
+    uint8_t pair;
     struct iovec sub[TN_MAX_CHAIN_IOV];
 };
 
@@ -636,7 +769,7 @@ static uint32_t rx_headers(struct rx_ctx *c, struct tn_uflow *f, const struct io
         udp = ip + V6_LEN;
     } else {
         put_be16(ip + 2, (uint16_t)(V4_LEN + ulen));
-        put_be16(ip + 4, c->t->ipv4_id++);
+        put_be16(ip + 4, c->t->ipv4_id[c->pair]++);
         ip[10] = ip[11] = 0;
         uint16_t ck = (uint16_t)~fold(sum_le(ip, V4_LEN, 0));
         memcpy(ip + 10, &ck, 2);
@@ -662,11 +795,10 @@ static uint32_t rx_headers(struct rx_ctx *c, struct tn_uflow *f, const struct io
 
 static void rx_count(struct rx_ctx *c, struct tn_uflow *f, uint32_t dlen, uint32_t flen)
 {
-    f->spoke |= TN_UFLOW_HOST_SPOKE;
+    spoke(f, TN_UFLOW_HOST_SPOKE);
     f->last_active = c->now;
     f->rx_packets++;
     f->rx_bytes += dlen;
-    c->t->rx_fast++;
     c->b->packets++;
     c->b->bytes += flen;
     c->done++;
@@ -782,7 +914,7 @@ static int rx_one(struct rx_ctx *c, int slot)
         if (c->mrg && (pending >= c->vq->size || pending >= 256)) {
             /* even every buffer the guest can give would not hold it */
             if (recv(f->fd, &byte, 1, MSG_DONTWAIT) >= 0) {
-                c->t->rx_dropped++;
+                count(&c->t->rx_dropped, 1);
                 c->b->drops_no_buffer++;
                 return RX_MORE;
             }
@@ -804,7 +936,7 @@ static int rx_one(struct rx_ctx *c, int slot)
     }
     if (mh.msg_flags & MSG_TRUNC) {  /* larger than the guest's buffer: lost */
         tn_vq_rewind(c->vq, (uint16_t)n);
-        c->t->rx_dropped++;
+        count(&c->t->rx_dropped, 1);
         c->b->drops_bad_frame++;
         return RX_MORE;
     }
@@ -838,35 +970,30 @@ static int rx_flow(struct rx_ctx *c, int slot, uint32_t quota)
     return RX_MORE;
 }
 
-int tn_user_rx(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_len,
-               int data_valid, struct tn_utable *t, uint8_t pair, uint32_t max,
-               struct tn_scratch *s, struct tn_batch *b)
+/* tn_user_rx under the table's read lock. */
+static int user_rx(struct rx_ctx *c)
 {
-    struct rx_ctx c = {.vq = vq, .m = m, .t = t, .s = s, .b = b, .hdr_len = hdr_len,
-                       .max = max, .mrg = mrg, .data_valid = data_valid};
+    struct tn_vq *vq = c->vq;
+    struct tn_utable *t = c->t;
+    struct tn_batch *b = c->b;
     struct epoll_event ev[RX_EVENTS];
-    memset(b, 0, sizeof(*b));
-    if (pair >= TN_UFLOW_PAIRS || hdr_len > VNET_HDR_MAX || t->epfd[pair] < 0) {
-        b->last_errno = EINVAL;
-        return 0;
-    }
     int rc = tn_vq_pending(vq);
     if (rc <= 0) {  /* broken, or no buffers: the guest's kick comes first */
         b->ring_full = rc == 0;
         return rc;
     }
-    c.now = tn_flow_now();
-    for (int round = 0; round < RX_ROUNDS && c.done < max; round++) {
-        int nev = epoll_wait(t->epfd[pair], ev, RX_EVENTS, 0);
+    c->now = tn_flow_now();
+    for (int round = 0; round < RX_ROUNDS && c->done < c->max; round++) {
+        int nev = epoll_wait(t->epfd[c->pair], ev, RX_EVENTS, 0);
         if (nev <= 0) {
             b->fd_blocked = 1;
             break;
         }
-        uint32_t quota = (max - c.done) / (uint32_t)nev;
+        uint32_t quota = (c->max - c->done) / (uint32_t)nev;
         quota = quota > 8 ? quota : 8;
-        uint32_t before = c.done;
+        uint32_t before = c->done;
         int more = 0;
-        for (int i = 0; i < nev && c.done < max; i++) {
+        for (int i = 0; i < nev && c->done < c->max; i++) {
             int slot = (int)ev[i].data.u32;
             if (!valid_slot(t, slot))
                 continue;
@@ -874,26 +1001,41 @@ int tn_user_rx(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_l
                 flag_err(t, slot);
             if (!(ev[i].events & EPOLLIN))
                 continue;
-            rc = rx_flow(&c, slot, quota);
-            if (rc < 0) {
-                if (c.done)
-                    tn_vq_publish(vq);
+            rc = rx_flow(c, slot, quota);
+            if (rc < 0)
                 return rc;
-            }
             if (rc == RX_FULL)
-                goto out;
+                return 0;
             if (rc == RX_MORE)
                 more = 1;
         }
         /* every flow that had something was drained (and epoll had no more to
          * say, or this round got nowhere): wait for the sockets */
-        if (!more && (nev < RX_EVENTS || c.done == before)) {
+        if (!more && (nev < RX_EVENTS || c->done == before)) {
             b->fd_blocked = 1;
             break;
         }
     }
-out:
-    if (c.done)
+    return 0;
+}
+
+int tn_user_rx(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t hdr_len,
+               int data_valid, struct tn_utable *t, uint8_t pair, uint32_t max,
+               struct tn_scratch *s, struct tn_batch *b)
+{
+    struct rx_ctx c = {.vq = vq, .m = m, .t = t, .s = s, .b = b, .hdr_len = hdr_len,
+                       .max = max, .mrg = mrg, .data_valid = data_valid, .pair = pair};
+    memset(b, 0, sizeof(*b));
+    if (pair >= TN_UFLOW_PAIRS || hdr_len > VNET_HDR_MAX || t->epfd[pair] < 0) {
+        b->last_errno = EINVAL;
+        return 0;
+    }
+    read_lock(t);
+    int rc = user_rx(&c);
+    unlock(t);
+    if (c.done) {
         tn_vq_publish(vq);
-    return (int)c.done;
+        count(&t->rx_fast, c.done);
+    }
+    return rc < 0 ? rc : (int)c.done;
 }

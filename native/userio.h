@@ -12,8 +12,15 @@
  * queue pair its replies go to (the pair the guest last sent it on), so a
  * pair's RX task waits on one fd: epfd[pair].
  *
- * Not thread-safe: every call on one table comes from one thread (the Trio
- * thread), or the caller serialises them. */
+ * Threads: with --threads each pair's worker runs tn_user_tx / tn_user_rx on
+ * its own thread while Python (one thread) adds, removes and moves flows.  The
+ * table's lock (a writer-preferring rwlock) is held for reading by every batch
+ * and for writing by tn_uflow_add / _del / _move, so the index never changes
+ * under a lookup and no flow goes away under a batch.  A batch that moves a
+ * flow to its pair takes a mutex besides (two pairs may race for one flow);
+ * the attention list has its own mutex.  Flow counters, spoke and last_active
+ * are plain stores (a lost update costs a statistic); table-wide counters are
+ * added atomically, once per batch or event. */
 #pragma once
 #include <stdint.h>
 
@@ -58,9 +65,10 @@ struct tn_uflow {
 };
 
 struct tn_utable {
+    void *lock;               /* the locks (tn_utable_init allocates them) */
     uint32_t count;           /* live flows */
     uint32_t nfree;
-    uint16_t ipv4_id;         /* next IPv4 id of a host->guest datagram */
+    uint16_t ipv4_id[16];     /* next IPv4 id of a host->guest datagram, per pair */
     uint8_t attention_overflow;  /* more flows had errors than attention[] holds */
     uint32_t nattention;
     int32_t attention[64];    /* slots whose err C set since Python last looked */
@@ -95,9 +103,10 @@ struct tn_slow {
 
 void tn_slow_reset(struct tn_slow *s);
 
-/* 0 or -errno (epoll_create1).  Zeroes the table. */
+/* 0 or -errno (epoll_create1, or -ENOMEM).  Zeroes the table. */
 int tn_utable_init(struct tn_utable *t);
-/* Closes the epoll sets; the flows' sockets are Python's. */
+/* Closes the epoll sets and frees the locks (no batch may run any more); the
+ * flows' sockets are Python's. */
 void tn_utable_close(struct tn_utable *t);
 /* Register a flow (f->pair is its first RX pair).  Returns its slot, or
  * TN_UFLOW_E_FULL, TN_UFLOW_E_EXISTS (key registered), -EINVAL (template
@@ -108,8 +117,14 @@ void tn_uflow_del(struct tn_utable *t, int slot);
 /* Re-home a flow's replies onto pair's epoll set.  0 or -errno / -EINVAL. */
 int tn_uflow_move(struct tn_utable *t, int slot, uint8_t pair);
 /* Slot of a key (addresses: 4 bytes for IPv4, 16 for IPv6), or -1. */
-int tn_uflow_find(const struct tn_utable *t, int v6, const uint8_t *src, const uint8_t *dst,
+int tn_uflow_find(struct tn_utable *t, int v6, const uint8_t *src, const uint8_t *dst,
                   uint16_t sport, uint16_t dport);
+/* Set spoke bits of a live flow (atomically: workers set them too). */
+void tn_uflow_spoke(struct tn_utable *t, int slot, uint8_t bits);
+/* Take the attention list: up to TN_UATTENTION_MAX slots into out; returns
+ * how many, and *overflow = 1 when more flows had errors than it held (the
+ * caller then scans every live flow's err).  The list is empty afterwards. */
+uint32_t tn_uattention_take(struct tn_utable *t, int32_t *out, uint8_t *overflow);
 
 /* Guest TX of queue pair `pair`: pops up to max chains of vq.  A well-formed
  * UDP frame (IPv4 without options or fragments, or IPv6 with UDP as next

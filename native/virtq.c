@@ -60,6 +60,7 @@ const char *tn_strerror(int code)
     case TN_E_CHAIN_TOO_LONG: return "descriptor chain total length overflows";
     case TN_E_INDIRECT_NOT_HEAD: return "indirect descriptor not at the head of its chain";
     case TN_E_NOT_READY: return "ring addresses are not set or not inside guest memory";
+    case TN_E_INDIRECT_TOO_BIG: return "indirect table has more descriptors than the ring size or 1024";
     default: return "unknown ring error";
     }
 }
@@ -177,6 +178,7 @@ int tn_vq_setup(struct tn_vq *vq, const struct tn_mem *m, uint16_t size,
     if (size == 0)
         return TN_E_NOT_READY;
     vq->size = size;
+    vq->short_valid = 0;
     vq->desc = tn_mem_gpa(m, desc_gpa, 16ull * size);
     vq->avail = tn_mem_gpa(m, avail_gpa, 6ull + 2ull * size);
     vq->used = tn_mem_gpa(m, used_gpa, 6ull + 8ull * size);
@@ -260,6 +262,8 @@ int tn_vq_pop_iov(struct tn_vq *vq, const struct tn_mem *m, int dir, struct iove
                 return fail(vq, TN_E_INDIRECT_NOT_HEAD, idx);
             if (len == 0 || len % 16 != 0)
                 return fail(vq, TN_E_INDIRECT_LEN, len);
+            if (len / 16 > TN_MAX_INDIRECT && len / 16 > vq->size)
+                return fail(vq, TN_E_INDIRECT_TOO_BIG, len / 16);
             table = tn_mem_gpa(m, addr, len);
             if (table == NULL)
                 return fail(vq, TN_E_ADDR, addr);
@@ -326,6 +330,29 @@ int tn_vq_pop(struct tn_vq *vq, const struct tn_mem *m, int dir, struct tn_chain
 
 void tn_vq_rewind(struct tn_vq *vq, uint16_t n) { vq->last_avail -= n; }
 
+int tn_vq_discard(struct tn_vq *vq, const struct tn_mem *m, int dir, uint32_t max)
+{
+    struct iovec iov[TN_MAX_CHAIN_IOV];
+    int done = 0;
+    while ((uint32_t)done < max) {
+        uint32_t niov = 0, nread, rl, wl;
+        uint16_t head;
+        int rc = tn_vq_pop_iov(vq, m, dir, iov, TN_MAX_CHAIN_IOV, &niov, &nread, &rl, &wl, &head);
+        if (rc < 0) {
+            if (done)
+                tn_vq_publish(vq);
+            return rc;
+        }
+        if (rc == 0)
+            break;
+        tn_vq_push(vq, head, 0);
+        done++;
+    }
+    if (done)
+        tn_vq_publish(vq);
+    return done;
+}
+
 void tn_vq_push(struct tn_vq *vq, uint16_t head, uint32_t len)
 {
     uint8_t *e = vq->used + 4 + 8u * (vq->used_idx % vq->size);
@@ -357,17 +384,32 @@ int tn_vq_needs_notify(struct tn_vq *vq)
     return !(ld16(vq->avail) & AVAIL_F_NO_INTERRUPT);
 }
 
+/* The avail index up to which the ring has been looked at: last_avail, or
+ * further when the last RX gather from here found the room too small. */
+static uint16_t seen_avail(const struct tn_vq *vq)
+{
+    return vq->short_valid && vq->short_from == vq->last_avail ? vq->short_at : vq->last_avail;
+}
+
+/* Has the driver made buffers available beyond those looked at?  (Counted
+ * from last_avail, so an avail index moved backwards is no news either.) */
+static int avail_news(struct tn_vq *vq, uint16_t seen)
+{
+    return (uint16_t)(tn_vq_avail_idx(vq) - vq->last_avail) > (uint16_t)(seen - vq->last_avail);
+}
+
 /* Ask the guest to kick on new buffers; 1 if some arrived meanwhile. */
 int tn_vq_enable_notify(struct tn_vq *vq)
 {
     if (vq->desc == NULL || vq->broken)
         return 0;
+    uint16_t seen = seen_avail(vq);
     if (vq->event_idx)
-        st16(vq->used + 4 + 8u * vq->size, vq->last_avail);
+        st16(vq->used + 4 + 8u * vq->size, seen);
     else
         st16(vq->used, ld16(vq->used) & ~USED_F_NO_NOTIFY);
     full_fence();
-    return tn_vq_avail_idx(vq) != vq->last_avail;
+    return avail_news(vq, seen);
 }
 
 static inline uint64_t now_ns(void)
@@ -382,9 +424,10 @@ int tn_vq_spin(struct tn_vq *vq, uint32_t ns)
     if (vq->desc == NULL || vq->broken || ns == 0)
         return 0;
     uint64_t end = now_ns() + ns;
+    uint16_t seen = seen_avail(vq);
     do {
         for (int i = 0; i < 64; i++) {
-            if (tn_vq_avail_idx(vq) != vq->last_avail)
+            if (avail_news(vq, seen))
                 return 1;
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
@@ -446,6 +489,7 @@ int tn_rx_gather(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t nee
                  struct tn_scratch *s, uint32_t *niov, uint64_t *room)
 {
     uint32_t nchains = 0;
+    int exhausted = 0;  /* stopped because the driver had made no more available */
     *niov = 0;
     *room = 0;
     while (*room < need || nchains == 0) {
@@ -453,6 +497,13 @@ int tn_rx_gather(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t nee
         uint16_t head;
         if (nchains >= 256)
             break;
+        int pending = tn_vq_pending(vq);
+        if (pending < 0)
+            return pending;
+        if (pending == 0) {
+            exhausted = 1;
+            break;
+        }
         int rc = tn_vq_pop_iov(vq, m, DIR_WRITE, s->iov, TN_MAX_CHAIN_IOV, niov, &nread, &rl, &wl, &head);
         if (rc < 0)
             return rc;
@@ -466,9 +517,16 @@ int tn_rx_gather(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t nee
             break;
     }
     if (nchains == 0 || *room < need) {
+        /* Only buffers past those looked at can help.  Stopped at a limit
+         * (one chain without MRG_RXBUF, 256 chains, iovec space), more
+         * buffers cannot help either: record everything as looked at. */
+        vq->short_at = exhausted ? vq->last_avail : tn_vq_avail_idx(vq);
         tn_vq_rewind(vq, (uint16_t)nchains);
+        vq->short_from = vq->last_avail;
+        vq->short_valid = 1;
         return 0;
     }
+    vq->short_valid = 0;
     return (int)nchains;
 }
 
@@ -640,7 +698,9 @@ int tn_rx_from_fd(struct tn_vq *vq, const struct tn_mem *m, int fd, int mrg, uin
 {
     int done = 0;
     memset(b, 0, sizeof(*b));
-    while ((uint32_t)done < max) {
+    /* every frame read counts toward max, delivered or not: a flood of
+     * refused frames must not keep this call from returning */
+    for (uint32_t reads = 0; reads < max; reads++) {
         uint32_t niov;
         uint64_t room;
         int n = tn_rx_gather(vq, m, mrg, mrg ? need : 1, s, &niov, &room);

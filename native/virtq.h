@@ -34,6 +34,11 @@
 #define TN_E_CHAIN_TOO_LONG -14
 #define TN_E_INDIRECT_NOT_HEAD -15
 #define TN_E_NOT_READY -16
+#define TN_E_INDIRECT_TOO_BIG -17
+
+/* An indirect table may hold this many descriptors, or the ring size if that
+ * is larger (a driver may not build a longer chain; virtio-net needs ~20). */
+#define TN_MAX_INDIRECT 1024
 
 struct tn_region {
     uint64_t gpa;
@@ -61,6 +66,13 @@ struct tn_vq {
     uint8_t broken;
     int32_t error;            /* TN_E_* of the first rule broken */
     uint64_t error_detail;    /* descriptor index or address involved */
+    /* RX: the last gather found too little room while last_avail was
+     * short_from, having looked at the avail ring up to short_at.  Until
+     * last_avail moves, only buffers past short_at are news (a wake-up check
+     * that counted the ones already found too small would spin). */
+    uint16_t short_from;
+    uint16_t short_at;
+    uint8_t short_valid;
 };
 
 /* One popped chain as a flat iovec list (readable first, then writable). */
@@ -130,14 +142,22 @@ int tn_vq_pop_iov(struct tn_vq *vq, const struct tn_mem *m, int dir, struct iove
                   uint32_t max_iov, uint32_t *niov, uint32_t *nread, uint32_t *read_len,
                   uint32_t *write_len, uint16_t *head);
 void tn_vq_rewind(struct tn_vq *vq, uint16_t n);
+/* Pop up to max chains (each walked and checked) and give them back unused
+ * (length 0), publishing once: a ring that may not carry traffic.  Nothing is
+ * copied.  Returns chains discarded or TN_E_*. */
+int tn_vq_discard(struct tn_vq *vq, const struct tn_mem *m, int dir, uint32_t max);
 void tn_vq_push(struct tn_vq *vq, uint16_t head, uint32_t len);
 void tn_vq_publish(struct tn_vq *vq);
 int tn_vq_needs_notify(struct tn_vq *vq);
+/* Ask the driver to kick when it makes buffers available; 1 when some are
+ * already there that nobody looked at yet (on an RX ring whose last gather
+ * was short: past those it looked at, see short_at). */
 int tn_vq_enable_notify(struct tn_vq *vq);
 void tn_vq_disable_notify(struct tn_vq *vq);
 uint16_t tn_vq_used_idx_in_ring(struct tn_vq *vq);
 /* Busy-wait up to ns nanoseconds for the driver to make buffers available
- * (1: some are, 0: none came).  Saves a sleep/wake round trip under load. */
+ * (1: some are, 0: none came; news in tn_vq_enable_notify's sense).  Saves a
+ * sleep/wake round trip under load. */
 int tn_vq_spin(struct tn_vq *vq, uint32_t ns);
 void tn_vq_fail(struct tn_vq *vq, int code, uint64_t detail);
 
@@ -147,7 +167,8 @@ uint32_t tn_buf_to_iov(const struct iovec *iov, uint32_t n, const uint8_t *src, 
 
 /* RX building blocks of the batched paths: pop writable chains into s->iov
  * (s->heads, s->caps) until their room reaches need (without MRG_RXBUF: one
- * chain); 0 when there is not enough room (nothing kept).  Then complete a
+ * chain); 0 when there is not enough room (nothing kept; how far it looked is
+ * recorded in short_from / short_at).  Then complete a
  * frame of len bytes laid into them: push the chains it used (num_buffers set
  * when hdr_len >= 12), rewind the rest.  Neither publishes. */
 int tn_rx_gather(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t need,

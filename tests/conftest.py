@@ -11,6 +11,7 @@ import trio
 
 from tests.fakes.driver import GuestRam
 from tests.fakes.frontend import Frontend
+from tests.fakes.service_process import ServiceProcess
 from trionet.backends.loop import LoopBackend
 from trionet.service.server import Service, ServiceConfig
 
@@ -52,3 +53,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     from tests.netns import check_root_marker
 
     check_root_marker(item)
+
+
+@pytest.fixture
+async def trionet(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[ServiceProcess]:
+    """``python -m trionet --backend loop --queue-pairs 4`` as its own process;
+    extra command-line arguments by indirect parametrization."""
+    proc = ServiceProcess(tmp_path, *getattr(request, "param", ()))
+    try:
+        await proc.started()
+        yield proc
+    finally:
+        proc.stop()

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import mmap
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +69,25 @@ def _overlaps(a: RegionSpec, b: RegionSpec) -> bool:
     return hit(a.guest_addr, b.guest_addr) or hit(a.user_addr, b.user_addr)
 
 
+def _check_fd(spec: RegionSpec, fd: int) -> None:
+    """The region must lie inside its fd: a mapping past the end of a file is
+    allowed, touching it is SIGBUS.  Guest memory is a regular file (memfd,
+    hugetlbfs, tmpfs, a file), whose size says how far it goes."""
+    where = (
+        f"memory region gpa={spec.guest_addr:#x} size={spec.size:#x} offset={spec.mmap_offset:#x}"
+    )
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise GuestMemoryError(f"{where}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise GuestMemoryError(f"{where}: its fd is not a memory file (memfd, hugetlbfs, shm)")
+    if spec.mmap_offset + spec.size > st.st_size:
+        raise GuestMemoryError(f"{where} reaches past the end of its fd ({st.st_size:#x} bytes)")
+
+
 def _map(spec: RegionSpec, fd: int) -> _Mapping:
+    _check_fd(spec, fd)
     aligned = spec.mmap_offset - spec.mmap_offset % _PAGE
     delta = spec.mmap_offset - aligned
     length = spec.size + delta

@@ -114,10 +114,18 @@ class UserGuest:
 
 @asynccontextmanager
 async def user_guest(
-    tmp_path: Path, cfg: UserConfig, pairs: int = 2, features: int = DRIVER_FEATURES
+    tmp_path: Path,
+    cfg: UserConfig,
+    pairs: int = 2,
+    features: int = DRIVER_FEATURES,
+    *,
+    threads: bool = False,
 ) -> AsyncIterator[UserGuest]:
-    """A trionet service on the user backend with ``pairs`` pairs set up and active."""
-    config = ServiceConfig(queue_pairs=pairs, socket_path=tmp_path / "vhost.sock", mtu=cfg.mtu)
+    """A trionet service on the user backend with ``pairs`` pairs set up and
+    active, served on the Trio thread or (``threads``) by worker threads."""
+    config = ServiceConfig(
+        queue_pairs=pairs, socket_path=tmp_path / "vhost.sock", mtu=cfg.mtu, threads=threads
+    )
     backend = UserBackend(cfg, pairs)
     service = Service(config, backend)
     ram = GuestRam(8 << 20)

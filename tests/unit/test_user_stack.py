@@ -23,6 +23,12 @@ G_MAC, O_MAC = GUEST_MAC.hex(":"), OUR_MAC.hex(":")
 IP_RECVTTL = 12  # <linux/in.h>; not in Python's socket module
 
 
+@pytest.fixture(params=[False, True], ids=["trio", "threads"])
+def threads(request: pytest.FixtureRequest) -> bool:
+    """The user backend's pairs served on the Trio thread, and by worker threads."""
+    return bool(request.param)
+
+
 @pytest.fixture
 async def echo_server() -> AsyncIterator[trio.socket.SocketType]:
     """A UDP echo server on the host's 127.0.0.1."""
@@ -48,8 +54,8 @@ def udp4(sport: int, dport: int, data: bytes, dst: str = str(GW4)) -> bytes:
     )  # fmt: skip
 
 
-async def test_arp_for_the_gateway_answered_on_its_pair(tmp_path: Path) -> None:
-    async with user_guest(tmp_path, make_config()) as g:
+async def test_arp_for_the_gateway_answered_on_its_pair(tmp_path: Path, threads: bool) -> None:
+    async with user_guest(tmp_path, make_config(), threads=threads) as g:
         req = Ether(src=G_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
             op=1, hwsrc=G_MAC, psrc=str(GUEST4), pdst=str(GW4)
         )
@@ -62,8 +68,8 @@ async def test_arp_for_the_gateway_answered_on_its_pair(tmp_path: Path) -> None:
         assert g.nothing_on(0)
 
 
-async def test_dhcp_discover_gets_an_offer_with_mtu(tmp_path: Path) -> None:
-    async with user_guest(tmp_path, make_config()) as g:
+async def test_dhcp_discover_gets_an_offer_with_mtu(tmp_path: Path, threads: bool) -> None:
+    async with user_guest(tmp_path, make_config(), threads=threads) as g:
         disc = (
             Ether(src=G_MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
             / UDP(sport=68, dport=67) / BOOTP(chaddr=GUEST_MAC, xid=0x1234)
@@ -78,10 +84,10 @@ async def test_dhcp_discover_gets_an_offer_with_mtu(tmp_path: Path) -> None:
 
 
 async def test_udp_flow_replies_follow_the_guests_pair(
-    tmp_path: Path, echo_server: trio.socket.SocketType
+    tmp_path: Path, threads: bool, echo_server: trio.socket.SocketType
 ) -> None:
     port = echo_server.getsockname()[1]
-    async with user_guest(tmp_path, make_config()) as g:
+    async with user_guest(tmp_path, make_config(), threads=threads) as g:
         g.send(1, udp4(40000, port, b"first"))
         reply = Ether(await g.recv(1))
         assert reply[IP].src == str(GW4) and reply[IP].dst == str(GUEST4)
@@ -101,10 +107,10 @@ async def test_udp_flow_replies_follow_the_guests_pair(
 
 
 async def test_checksums_of_replies_are_right(
-    tmp_path: Path, echo_server: trio.socket.SocketType
+    tmp_path: Path, threads: bool, echo_server: trio.socket.SocketType
 ) -> None:
     port = echo_server.getsockname()[1]
-    async with user_guest(tmp_path, make_config()) as g:
+    async with user_guest(tmp_path, make_config(), threads=threads) as g:
         for payload in (b"x", b"y" * 1400):
             g.send(0, udp4(40001, port, payload))
             raw = await g.recv_raw(0)
@@ -118,19 +124,19 @@ async def test_checksums_of_replies_are_right(
 
 
 async def test_dns_to_the_gateway_goes_to_the_upstream(
-    tmp_path: Path, echo_server: trio.socket.SocketType
+    tmp_path: Path, threads: bool, echo_server: trio.socket.SocketType
 ) -> None:
     port = echo_server.getsockname()[1]
     cfg = make_config(dns_upstreams=(("127.0.0.1", port),))
-    async with user_guest(tmp_path, cfg) as g:
+    async with user_guest(tmp_path, cfg, threads=threads) as g:
         g.send(0, udp4(5353, 53, b"query"))
         reply = Ether(await g.recv(0))
         assert reply[UDP].sport == 53 and reply[IP].src == str(GW4)
         assert reply[Raw].load == b"query"
 
 
-async def test_bad_udp_checksum_dropped_and_counted(tmp_path: Path) -> None:
-    async with user_guest(tmp_path, make_config()) as g:
+async def test_bad_udp_checksum_dropped_and_counted(tmp_path: Path, threads: bool) -> None:
+    async with user_guest(tmp_path, make_config(), threads=threads) as g:
         frame = Ether(udp4(40002, 9, b"data"))
         frame[UDP].chksum ^= 0x5555
         g.send(0, bytes(frame))
@@ -140,8 +146,10 @@ async def test_bad_udp_checksum_dropped_and_counted(tmp_path: Path) -> None:
         assert g.user_status()["drops_by_reason"] == {"udp_checksum": 1}
 
 
-async def test_echo_to_the_gateway_answered_without_ping_sockets(tmp_path: Path) -> None:
-    async with user_guest(tmp_path, make_config()) as g:
+async def test_echo_to_the_gateway_answered_without_ping_sockets(
+    tmp_path: Path, threads: bool
+) -> None:
+    async with user_guest(tmp_path, make_config(), threads=threads) as g:
         stack = g.service.session.stack  # type: ignore[union-attr]
         stack.icmp.available = False
         req = (
@@ -156,14 +164,14 @@ async def test_echo_to_the_gateway_answered_without_ping_sockets(tmp_path: Path)
         assert reply[Raw].load == b"ping!"
 
 
-async def test_inbound_forward_reaches_the_guest_and_back(tmp_path: Path) -> None:
+async def test_inbound_forward_reaches_the_guest_and_back(tmp_path: Path, threads: bool) -> None:
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.bind(("127.0.0.1", 0))
     host_port = probe.getsockname()[1]
     probe.close()
     fwd = Forward("udp", None, host_port, host_port, 7777)
     cfg = make_config(forwards=(fwd,), guest_mac=GUEST_MAC)
-    async with user_guest(tmp_path, cfg) as g:
+    async with user_guest(tmp_path, cfg, threads=threads) as g:
         sender = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         await sender.bind(("127.0.0.1", 0))
         await sender.sendto(b"hello guest", ("127.0.0.1", host_port))
@@ -186,12 +194,12 @@ async def test_inbound_forward_reaches_the_guest_and_back(tmp_path: Path) -> Non
         sender.close()
 
 
-async def test_udp_port_unreachable_translated(tmp_path: Path) -> None:
+async def test_udp_port_unreachable_translated(tmp_path: Path, threads: bool) -> None:
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.bind(("127.0.0.1", 0))
     dead = probe.getsockname()[1]
     probe.close()
-    async with user_guest(tmp_path, make_config()) as g:
+    async with user_guest(tmp_path, make_config(), threads=threads) as g:
         g.send(0, udp4(40003, dead, b"anyone?"))
         frame = Ether(await g.recv(0))
         assert frame[ICMP].type == 3 and frame[ICMP].code == 3
@@ -199,10 +207,10 @@ async def test_udp_port_unreachable_translated(tmp_path: Path) -> None:
 
 
 async def test_flows_on_a_disabled_pair_move(
-    tmp_path: Path, echo_server: trio.socket.SocketType
+    tmp_path: Path, threads: bool, echo_server: trio.socket.SocketType
 ) -> None:
     port = echo_server.getsockname()[1]
-    async with user_guest(tmp_path, make_config()) as g:
+    async with user_guest(tmp_path, make_config(), threads=threads) as g:
         g.send(1, udp4(40004, port, b"a"))
         await g.recv(1)
         session = g.service.session
@@ -212,8 +220,8 @@ async def test_flows_on_a_disabled_pair_move(
         assert Ether(await g.recv(0))[Raw].load == b"late"
 
 
-async def test_ipv6_udp_checksum_zero_dropped(tmp_path: Path) -> None:
-    async with user_guest(tmp_path, make_config()) as g:
+async def test_ipv6_udp_checksum_zero_dropped(tmp_path: Path, threads: bool) -> None:
+    async with user_guest(tmp_path, make_config(), threads=threads) as g:
         frame = (
             Ether(src=G_MAC, dst=O_MAC)
             / IPv6(src="fd00:2::15", dst="fd00:2::2")
@@ -224,6 +232,45 @@ async def test_ipv6_udp_checksum_zero_dropped(tmp_path: Path) -> None:
         g.send(0, bytes(Ether(src=G_MAC) / ARP(hwsrc=G_MAC, psrc=str(GUEST4), pdst=str(GW4))))
         await g.recv(0)
         assert g.user_status()["drops_by_reason"].get("udp_checksum") == 1  # type: ignore[union-attr]
+
+
+def _thread_names() -> set[str]:
+    return {t.read_text().strip() for t in Path("/proc/self/task").glob("*/comm")}
+
+
+async def test_threads_serve_each_pair_on_its_own_worker(
+    tmp_path: Path, echo_server: trio.socket.SocketType
+) -> None:
+    port = echo_server.getsockname()[1]
+    async with user_guest(tmp_path, make_config(), threads=True) as g:
+        session = g.service.session
+        assert session is not None
+        native = [session.counters[p].native for p in (0, 1)]
+        for p in (0, 1):
+            g.send(p, udp4(41000 + p, port, b"hello"))
+        for p in (0, 1):
+            assert Ether(await g.recv(p))[Raw].load == b"hello"
+        assert {"tn-user-0", "tn-user-1"} <= _thread_names()  # both workers are up
+        # a burst on both pairs at once: each pair's worker carries its own flow
+        before = [int(n.rx_packets) for n in native]
+        for i in range(20):
+            for p in (0, 1):
+                g.send(p, udp4(41000 + p, port, b"%d" % i))
+        for p in (0, 1):
+            for i in range(20):
+                reply = Ether(await g.recv(p))
+                assert reply[UDP].dport == 41000 + p and reply[Raw].load == b"%d" % i
+        assert [int(n.rx_packets) - b for n, b in zip(native, before, strict=True)] == [20, 20]
+        # pair 0's flow moves to pair 1: its replies come from pair 1's worker
+        before = [int(n.rx_packets) for n in native]
+        g.send(1, udp4(41000, port, b"moved"))
+        reply = Ether(await g.recv(1))
+        assert reply[UDP].dport == 41000 and reply[Raw].load == b"moved"
+        assert [int(n.rx_packets) - b for n, b in zip(native, before, strict=True)] == [0, 1]
+        assert g.nothing_on(0)
+        [flow] = [f for f in g.user_status()["flows"] if f["guest_port"] == 41000]  # type: ignore[index, union-attr]
+        assert flow["pair"] == 1
+    assert not {"tn-user-0", "tn-user-1"} & _thread_names()  # joined, names given back
 
 
 # ---- flow timers, on the stack alone (no rings), under the autojump clock -------
@@ -280,11 +327,11 @@ async def test_udp_flow_both_sides_spoke_lives_longer(autojump_clock: trio.abc.C
         stack.close()
 
 
-async def test_guest_ttl_kept_on_the_host_side(tmp_path: Path) -> None:
+async def test_guest_ttl_kept_on_the_host_side(tmp_path: Path, threads: bool) -> None:
     server = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     await server.bind(("127.0.0.1", 0))
     server.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
-    async with user_guest(tmp_path, make_config()) as g:
+    async with user_guest(tmp_path, make_config(), threads=threads) as g:
         frame = Ether(udp4(40030, server.getsockname()[1], b"ttl"))
         frame[IP].ttl = 7
         del frame[IP].chksum
@@ -298,18 +345,23 @@ async def test_guest_ttl_kept_on_the_host_side(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-async def test_echo_through_a_ping_socket_keeps_the_guests_identifier(tmp_path: Path) -> None:
+async def test_echo_through_a_ping_socket_keeps_the_guests_identifier(
+    tmp_path: Path, threads: bool
+) -> None:
     """With ping sockets allowed, the guest's echo to the gateway really goes to
     the host's 127.0.0.1, and the reply carries the guest's identifier back."""
     from tests.e2e.hostnet import ping_group_range
 
     with ping_group_range(0, 0):
-        async with user_guest(tmp_path, make_config()) as g:
+        async with user_guest(tmp_path, make_config(), threads=threads) as g:
             stack = g.service.session.stack  # type: ignore[union-attr]
             assert stack.icmp.available
-            req = Ether(src=G_MAC, dst=O_MAC) / IP(src=str(GUEST4), dst=str(GW4)) / ICMP(
-                id=4242, seq=9
-            ) / Raw(b"via the host")
+            req = (
+                Ether(src=G_MAC, dst=O_MAC)
+                / IP(src=str(GUEST4), dst=str(GW4))
+                / ICMP(id=4242, seq=9)
+                / Raw(b"via the host")
+            )
             g.send(0, bytes(req))
             reply = Ether(await g.recv(0))
             assert reply[ICMP].type == 0 and reply[ICMP].id == 4242 and reply[ICMP].seq == 9

@@ -133,8 +133,6 @@ async def _user_backend(args: argparse.Namespace, mtu: int) -> UserBackend:
                 family, c.address, c.prefix_len, c.gateway, ", ".join(map(str, c.dns)) or "none",
             )  # fmt: skip
     log.info("user stack: MTU %d, DNS upstreams %s", cfg.mtu, cfg.dns_upstreams or "none")
-    if args.threads:
-        log.info("user stack: --threads does not apply; its pairs are served on the Trio thread")
     return UserBackend(cfg, args.queue_pairs)
 
 

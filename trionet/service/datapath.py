@@ -25,6 +25,7 @@ from trionet.service.counters import PairCounters
 from trionet.virtq.vring import DEVICE_READS, Vring
 
 if TYPE_CHECKING:
+    from trionet.backends.user.fastpath import SlowFrames
     from trionet.backends.user.stack import UserStack
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ SPIN_NS_WORKER = 50_000
 SPIN_NS_TRIO = 0
 POLL_INTERVAL = 0.005  # a ring whose VMM gave no kick fd is polled
 _ONE = (1).to_bytes(8, "little")
-VIRTIO_NET_HDR_F_DATA_VALID = 2
 
 
 @dataclass
@@ -109,9 +109,13 @@ async def wait_kick(ctx: PairContext, vr: Vring) -> None:
 
 
 async def wait_rx_room(ctx: PairContext, vr: Vring) -> None:
-    """An RX ring without room: sleep until the driver kicks after adding
-    buffers, unless some raced in while notifications were off."""
-    if not vr.enable_notify():
+    """An RX ring without room for the next frame: sleep until the driver kicks
+    after adding buffers, unless some raced in while notifications were off.
+    Buffers the last try found too small are no news (the C core remembers
+    how far it looked): a ring with some room but not enough sleeps too."""
+    if vr.enable_notify():
+        await trio.lowlevel.checkpoint()
+    else:
         await wait_kick(ctx, vr)
     vr.disable_notify()
 
@@ -132,16 +136,14 @@ async def _guarded(ctx: PairContext, vr: Vring, loop: Callable[[], Any]) -> None
 async def discard_tx(ctx: PairContext, reason: str) -> None:
     """A started TX ring that may not carry traffic (disabled, or its pair is
     outside the active count): process and discard, no side effects."""
-    vr = ctx.tx
+    vr, table = ctx.tx, ctx.mem.table
     while True:
-        done = 0
-        while (chain := vr.pop(ctx.mem, DEVICE_READS)) is not None:
-            vr.push(chain.head, 0)
-            ctx.counters.drops[reason] += 1
-            done += 1
-        if done:  # an interrupt only for used entries the guest has not seen
-            vr.publish()
-            notify(ctx, vr)
+        # chains are walked and checked, never copied: what they claim to hold
+        # is the guest's business
+        while done := vr.check(lib.tn_vq_discard(vr.vq, table, DEVICE_READS, BATCH)):
+            ctx.counters.drops[reason] += done
+            notify(ctx, vr)  # an interrupt only for used entries the guest has not seen
+            await trio.lowlevel.checkpoint()
         if vr.enable_notify():
             continue
         await wait_kick(ctx, vr)
@@ -286,24 +288,16 @@ async def user_rx(ctx: PairContext, stack: UserStack) -> None:
     b = ffi.new("struct tn_batch *")
     hdr, mrg, table, utable = ctx.hdr_len, ctx.mrg, ctx.mem.table, stack.fast.table
     data_valid = 1 if F.has(ctx.features, F.GUEST_CSUM) else 0
-    head = bytes([VIRTIO_NET_HDR_F_DATA_VALID if data_valid else 0]) + bytes(hdr - 1)
     waker = select.epoll()
     waker.register(box.wake_fd, select.EPOLLIN)
     waker.register(stack.fast.epoll_fd(p), select.EPOLLIN)
-    stalled = False  # the ring said full twice in a row: wait for the driver's kick
     try:
         vr.disable_notify()
         while True:
-            box.clear_wake()
-            done = full = 0
-            while box.frames and not full:
-                frame = head + box.frames[0]
-                done += vr.check(lib.tn_rx_fill(vr.vq, table, mrg, hdr, frame, len(frame), 1,
-                                                ctx.scratch, b))  # fmt: skip
-                full = b.ring_full
-                if not full:
-                    box.frames.popleft()
-                    ctx.counters.add_rx(b)
+            done = vr.check(lib.tn_uout_drain(box.cdata, vr.vq, table, mrg, hdr, data_valid,
+                                              BATCH, ctx.scratch, b))  # fmt: skip
+            ctx.counters.add_rx(b)
+            full = b.ring_full
             if not full:
                 done += vr.check(
                     lib.tn_user_rx(vr.vq, table, mrg, hdr, data_valid, utable, p, BATCH,
@@ -316,16 +310,9 @@ async def user_rx(ctx: PairContext, stack: UserStack) -> None:
             if done:
                 notify(ctx, vr)
             if full:
-                if stalled and not done:
-                    vr.enable_notify()
-                    await wait_kick(ctx, vr)
-                    vr.disable_notify()
-                else:
-                    await wait_rx_room(ctx, vr)
-                stalled = not done
+                await wait_rx_room(ctx, vr)
                 continue
-            stalled = False
-            if not box.frames and b.fd_blocked:
+            if not box and b.fd_blocked:
                 await trio.lowlevel.wait_readable(waker.fileno())
             else:
                 await trio.lowlevel.checkpoint()
@@ -388,6 +375,74 @@ async def run_worker(ctx: PairContext, *, tx_live: bool, rx_live: bool, tap_fd: 
             ctx.on_broken(vr, exc)
 
 
+async def _user_slow(io: Any, stack: UserStack, slow: SlowFrames) -> None:
+    """A user pair's worker asked for Python: dispatch the frames it handed
+    over in ``slow`` and give the buffer back; read the flows' socket errors."""
+    fd = int(io.slow_fd)
+    while True:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+            continue
+        if lib.tn_user_pair_handed(io):
+            stack.take_slow(slow)
+            lib.tn_user_pair_resume(io)
+        if stack.fast.table.nattention or stack.fast.table.attention_overflow:
+            stack.udp.errors()
+
+
+async def run_user_worker(
+    ctx: PairContext, stack: UserStack, *, tx_live: bool, rx_live: bool
+) -> None:
+    """A user-mode pair served by a native worker thread (``--threads``): the
+    same batches as ``user_tx`` / ``user_rx`` (``tn_user_tx``,
+    ``tn_uout_drain``, ``tn_user_rx``) on their own thread, the GIL released.
+    Frames for the stack come back through the pair's ``SlowFrames``, handed
+    over on an eventfd that a task here waits on.  Owned like ``run_worker``:
+    stopped through its stop eventfd and joined, shielded, before this returns."""
+    await trio.lowlevel.checkpoint_if_cancelled()  # see _guarded
+    p = ctx.index
+    slow = stack.slow_frames(p)
+    stack.take_slow(slow)  # what a previous run handed over and nobody took
+    io = ffi.new("struct tn_upair_io *")
+    io.tx = ctx.tx.vq if tx_live else ffi.NULL
+    io.rx = ctx.rx.vq if rx_live else ffi.NULL
+    io.mem, io.scratch, io.stats = ctx.mem.table, ctx.scratch, ctx.counters.native
+    io.table, io.slow, io.out = stack.fast.table, slow.cdata, stack.outboxes[p].cdata
+    io.tx_kick, io.tx_call = _fd(ctx.tx.kick_fd), _fd(ctx.tx.call_fd)
+    io.rx_kick, io.rx_call = _fd(ctx.rx.kick_fd), _fd(ctx.rx.call_fd)
+    io.hdr_len, io.batch, io.spin_ns = ctx.hdr_len, BATCH, SPIN_NS_WORKER
+    io.pair, io.mrg = p, ctx.mrg
+    io.data_valid = 1 if F.has(ctx.features, F.GUEST_CSUM) else 0
+    fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(3)]
+    io.stop_fd, io.slow_fd, io.resume_fd = fds
+    rc = 0
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def stopper() -> None:
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    os.eventfd_write(io.stop_fd, 1)
+
+            nursery.start_soon(stopper)
+            nursery.start_soon(_user_slow, io, stack, slow)
+            with trio.CancelScope(shield=True):
+                rc = await trio.to_thread.run_sync(lib.tn_user_pair_run, io, limiter=_WORKERS)
+            nursery.cancel_scope.cancel()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if rc < 0:
+        vr = ctx.rx if io.error_ring else ctx.tx
+        try:
+            vr.check(rc)
+        except RingError as exc:
+            ctx.on_broken(vr, exc)
+
+
 async def run_pair(
     ctx: PairContext,
     *,
@@ -409,7 +464,12 @@ async def run_pair(
             reason = "tx_pair_inactive" if ctx.tx.enabled else "tx_ring_disabled"
             nursery.start_soon(_guarded, ctx, ctx.tx, lambda: discard_tx(ctx, reason))
         generate = rx_live and tap_fd is None and ctx.generate is not None
-        if stack is not None:  # the user stack runs on the Trio thread (--threads or not)
+        if stack is not None and threaded:
+            if tx_live or rx_live:
+                nursery.start_soon(
+                    lambda: run_user_worker(ctx, stack, tx_live=tx_live, rx_live=rx_live)
+                )
+        elif stack is not None:
             if tx_live:
                 nursery.start_soon(_guarded, ctx, ctx.tx, lambda: user_tx(ctx, stack))
             if rx_live:

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from trionet.errors import ProtocolError
 from trionet.service.counters import PairCounters
 from trionet.service.session import HostBackend, Session
 from trionet.service.state import StateFile
@@ -123,8 +124,10 @@ class Service:
         log.info("VMM connected")
         try:
             await session.run()
-        except (OSError, trio.BrokenResourceError) as exc:
-            log.error("VMM connection failed: %s", exc)
+        except* (OSError, trio.BrokenResourceError, ProtocolError) as group:
+            # the session's own tasks (pairs, control queue) leave its nursery
+            # as an ExceptionGroup: whatever the VMM did ends this connection only
+            log.error("VMM connection failed: %s", "; ".join(map(str, group.exceptions)))
         finally:
             self.session = None
             self.sessions_served += 1

@@ -118,6 +118,8 @@ class Session:
                 self._nursery = nursery
                 try:
                     await self._serve()
+                except OSError as exc:  # the VMM went away mid-conversation (EPIPE, ECONNRESET)
+                    log.error("VMM connection failed: %s; closing it", exc)
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -134,7 +136,11 @@ class Session:
 
     async def _serve(self) -> None:
         while True:
-            data, fds = await self._recv()
+            try:
+                data, fds = await self._recv()
+            except RemoteProtocolError as exc:
+                log.error("vhost-user: %s; closing the connection", exc)
+                return
             if not data:
                 close_fds(fds)
                 log.info("VMM closed the connection")

@@ -13,6 +13,7 @@ Dispatch is a table (``_DISPATCH``), one method per request, as in rust-vmm's
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,13 +106,19 @@ class BackendProtocol:
         need_ack = bool(getattr(req, "need_reply", False)) and self.reply_ack
         if handler is None:
             self._retire_message_fds(req)
-            nack = m.encode_reply_ack(code, False) if need_ack else None
+            refusal = _REFUSALS.get(code)
+            if refusal is not None:  # the VMM waits for this reply, REPLY_ACK or not
+                nack: bytes | None = m.encode_reply_payload(code, refusal)
+            else:
+                nack = m.encode_reply_ack(code, False) if need_ack else None
             raise RemoteProtocolError(
                 f"unsupported request {_request_name(code)} refused", reply=nack, fatal=False
             )
         try:
             reply = handler(self, req)
         except RemoteProtocolError as exc:
+            if type(req) not in _CLOSES_ITS_FDS:
+                self._retire_message_fds(req)  # never stored: a refused request keeps nothing
             if need_ack and code not in _REPLIES_ITSELF:
                 exc.reply = m.encode_reply_ack(code, False)
                 exc.fatal = False
@@ -128,6 +135,17 @@ class BackendProtocol:
                 f"vring index {index} out of range (this device has {len(self.vrings)} vrings)"
             )
         return self.vrings[index]
+
+    def _vring_for_fd(self, req: m.SetVringKick | m.SetVringCall | m.SetVringErr) -> Vring:
+        """The ring a SET_VRING_KICK/CALL/ERR names, once its fd is known to be
+        an eventfd: we read kicks from it and write calls and errors to it, and
+        anything else (a pipe, /dev/null, a file) would make that fail or spin.
+        On refusal ``handle`` retires the fd."""
+        vr = self._vring(req.index)
+        if req.fd is not None and not is_eventfd(req.fd):
+            what = req.REQUEST.name.removeprefix("SET_VRING_").lower()
+            raise RemoteProtocolError(f"{what} fd for vring {req.index} is not an eventfd")
+        return vr
 
     def _retire(self, fd: int | None) -> None:
         if fd is not None and fd >= 0:
@@ -247,7 +265,7 @@ class BackendProtocol:
         return m.encode_reply_vring_state(Request.GET_VRING_BASE, req.index, base)
 
     def _set_vring_kick(self, req: m.SetVringKick) -> None:
-        vr = self._vring(req.index)
+        vr = self._vring_for_fd(req)
         self._retire(vr.kick_fd)
         vr.kick_fd = req.fd
         vr.kick_nofd = req.fd is None
@@ -258,13 +276,13 @@ class BackendProtocol:
         vr.touch()
 
     def _set_vring_call(self, req: m.SetVringCall) -> None:
-        vr = self._vring(req.index)
+        vr = self._vring_for_fd(req)
         self._retire(vr.call_fd)
         vr.call_fd = req.fd
         vr.touch()
 
     def _set_vring_err(self, req: m.SetVringErr) -> None:
-        vr = self._vring(req.index)
+        vr = self._vring_for_fd(req)
         self._retire(vr.err_fd)
         vr.err_fd = req.fd
         vr.touch()
@@ -301,6 +319,14 @@ class BackendProtocol:
 
     def _get_status(self, req: m.GetStatus) -> bytes:
         return m.encode_reply_u64(Request.GET_STATUS, self.status)
+
+
+def is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd (what Linux names ``anon_inode:[eventfd]``)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
 
 
 def _spec(r: Any) -> RegionSpec:
@@ -352,3 +378,23 @@ _REPLIES_ITSELF = frozenset(
         Request.GET_STATUS,
     }
 )
+
+# GuestMemory closes the fds of these whether or not the request succeeds
+_CLOSES_ITS_FDS = frozenset({m.SetMemTable, m.AddMemReg})
+
+_U64_FAILURE = m.U64_STRUCT.pack(1)
+
+#: Requests trionet does not implement whose reply is their answer: the VMM
+#: waits for it whether or not REPLY_ACK was negotiated, so each gets the reply
+#: that says "failed" in that request's own terms (vhost-user.rst).
+_REFUSALS: dict[int, bytes] = {
+    Request.GET_CONFIG: b"",  # a zero-size payload signals failure
+    Request.IOTLB_MSG: _U64_FAILURE,
+    Request.CREATE_CRYPTO_SESSION: m.U64_STRUCT.pack((1 << 64) - 1),  # session id -1
+    Request.POSTCOPY_ADVISE: _U64_FAILURE,  # and no userfault fd
+    Request.POSTCOPY_END: _U64_FAILURE,
+    Request.GET_INFLIGHT_FD: _U64_FAILURE,  # and no fd
+    Request.GET_SHARED_OBJECT: _U64_FAILURE,  # and no dma-buf fd
+    Request.SET_DEVICE_STATE_FD: m.U64_STRUCT.pack(0x101),  # error, no fd returned
+    Request.CHECK_DEVICE_STATE: _U64_FAILURE,
+}

@@ -628,6 +628,13 @@ def encode_reply_vring_state(request: int, index: int, num: int) -> bytes:
     return _encode_reply(request, VRING_STATE_STRUCT.pack(index, num))
 
 
+def encode_reply_payload(request: int, payload: bytes) -> bytes:
+    """A reply carrying ``payload`` as is (GET_CONFIG's failure: empty)."""
+    if not isinstance(payload, bytes) or len(payload) > MAX_PAYLOAD_SIZE:
+        raise LocalProtocolError(f"reply payload must be bytes of at most {MAX_PAYLOAD_SIZE}")
+    return _encode_reply(request, payload)
+
+
 def encode_reply_ack(request: int, ok: bool) -> bytes:
     """A REPLY_ACK answer: u64 0 for success, 1 for failure."""
     return encode_reply_u64(request, 0 if ok else 1)

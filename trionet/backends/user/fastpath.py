@@ -10,14 +10,19 @@ the flow on another pair moves it there.
 
 ``SlowFrames`` owns a ``struct tn_slow``: the frames a TX batch did not take
 (everything but datagrams of registered flows), for the Python stack.
+``Outbox`` owns a ``struct tn_uoutq``: the frames the Python stack has for one
+pair's RX ring, laid there by ``tn_uout_drain`` (``native/userpair.h``).
 
-The table is not thread-safe: every call on it comes from the Trio thread.
+Python changes the table from the Trio thread only; the native batches may
+run on the pairs' worker threads at the same time (``--threads``): the C side
+locks the table around every change and every batch.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -30,6 +35,7 @@ V6_TEMPLATE_LEN = 62  # Ethernet + IPv6 + UDP
 GUEST_SPOKE = int(lib.TN_UFLOW_GUEST_SPOKE)
 HOST_SPOKE = int(lib.TN_UFLOW_HOST_SPOKE)
 DEFAULT_BATCH = 256
+_FRAME_MAX = int(lib.TN_MAX_FRAME)
 _E_FULL, _E_EXISTS = -1, -2  # tn_uflow_add's TN_UFLOW_E_* (negative: not in the cdef)
 
 
@@ -168,6 +174,11 @@ class UdpFastPath:
         )
         return None if slot < 0 else slot
 
+    def spoke(self, slot: int, bits: int) -> None:
+        """Note that a side spoke (``GUEST_SPOKE`` / ``HOST_SPOKE``): an atomic
+        or, since the native batches set these bits too."""
+        lib.tn_uflow_spoke(self.table, slot, bits)
+
     def flow(self, slot: int) -> Any:
         """The live ``struct tn_uflow`` of a slot: counters, ``pair``,
         ``spoke``, ``err`` (the caller clears it once it read the socket's
@@ -200,15 +211,15 @@ class UdpFastPath:
         """Slots whose socket reported an error since the last call (their
         ``err`` is set; the caller reads each error queue and clears it)."""
         t = self.table
-        n = min(int(t.nattention), int(lib.TN_UATTENTION_MAX))
-        slots = [int(t.attention[i]) for i in range(n)]
-        if t.attention_overflow:
+        out = ffi.new("int32_t[]", int(lib.TN_UATTENTION_MAX))
+        overflow = ffi.new("uint8_t *")
+        n = int(lib.tn_uattention_take(t, out, overflow))
+        slots = [int(out[i]) for i in range(n)]
+        if overflow[0]:
             seen = set(slots)
             slots += [
                 i for i in range(MAX_FLOWS) if t.flows[i].live and t.flows[i].err and i not in seen
             ]
-            t.attention_overflow = 0
-        t.nattention = 0
         return slots
 
     def counters(self) -> dict[str, int]:
@@ -313,3 +324,78 @@ class SlowFrames:
         ]
         lib.tn_slow_reset(s)
         return out
+
+
+class Outbox:
+    """Frames waiting for one pair's RX ring (a ``struct tn_uoutq``): the
+    stack puts them from the Trio thread, ``tn_uout_drain`` lays them into the
+    ring from the pair's Trio task or its worker thread.  ``wake_fd`` (an
+    eventfd) is readable while frames wait, so the consumer can wait on it
+    together with the pair's UDP epoll set."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.cdata: Any = ffi.new("struct tn_uoutq *")
+        rc = int(lib.tn_uout_init(self.cdata, self.wake_fd, limit))
+        if rc < 0:
+            os.close(self.wake_fd)
+            raise OSError(-rc, f"outbox: {os.strerror(-rc)}")
+
+    def __len__(self) -> int:
+        """Frames waiting."""
+        return int(self.cdata.n)
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Copies of the frames waiting, oldest first (for Python consumers)."""
+        buf = ffi.new("uint8_t[]", _FRAME_MAX)
+        i = 0
+        while (n := int(lib.tn_uout_get(self.cdata, i, buf, _FRAME_MAX))) >= 0:
+            yield bytes(ffi.buffer(buf, n))
+            i += 1
+
+    def popleft(self) -> bytes:
+        """Take the oldest frame (``IndexError`` when none waits)."""
+        buf = ffi.new("uint8_t[]", _FRAME_MAX)
+        n = int(lib.tn_uout_pop(self.cdata, buf, _FRAME_MAX))
+        if n < 0:
+            raise IndexError("outbox is empty")
+        return bytes(ffi.buffer(buf, n))
+
+    def clear_wake(self) -> None:
+        """Consume the wake-up: ``wake_fd`` is readable again after the next put."""
+        lib.tn_uout_unwake(self.cdata)
+
+    @property
+    def frames(self) -> Outbox:
+        """The outbox itself, as a deque-like view (``len``, iteration,
+        ``popleft``, ``clear``)."""
+        return self
+
+    @property
+    def dropped(self) -> int:
+        """Frames refused because the outbox was full, and frames no RX
+        buffer of the guest could hold."""
+        return int(self.cdata.dropped + self.cdata.oversize)
+
+    def put(self, frame: bytes) -> bool:
+        """Queue a copy of ``frame`` (Ethernet, no virtio-net header); False
+        when the outbox is full."""
+        rc = int(lib.tn_uout_put(self.cdata, frame, len(frame)))
+        if rc < 0:
+            raise OSError(-rc, f"outbox: {os.strerror(-rc)}")
+        return rc == 1
+
+    def move_to(self, other: Outbox) -> int:
+        """Move every frame to the back of ``other``; returns how many fit."""
+        return int(lib.tn_uout_move(self.cdata, other.cdata))
+
+    def clear(self) -> None:
+        lib.tn_uout_clear(self.cdata)
+
+    def close(self) -> None:
+        """Free the frames and the fd (no drain may run any more)."""
+        if self.wake_fd >= 0:
+            lib.tn_uout_close(self.cdata)
+            os.close(self.wake_fd)
+            self.wake_fd = -1

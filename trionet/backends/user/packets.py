@@ -342,3 +342,45 @@ def solicited_node(addr: IPv6Address) -> IPv6Address:
 
 def multicast_mac(addr: IPv6Address) -> bytes:
     return b"\x33\x33" + addr.packed[12:]
+
+
+# ---- TCP -------------------------------------------------------------------------
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+
+
+def sum16(data: bytes) -> int:
+    """Ones'-complement sum of ``data`` as big-endian 16-bit words, folded,
+    not complemented (0..0xffff).  Uses 2**16 ≡ 1 (mod 0xffff): one bignum
+    remainder instead of a loop over words."""
+    if len(data) & 1:
+        data += b"\0"
+    x = int.from_bytes(data, "big")
+    s = x % 0xFFFF
+    return 0xFFFF if s == 0 and x else s
+
+
+def add16(a: int, b: int) -> int:
+    """Ones'-complement addition of two folded sums."""
+    s = a + b
+    return s - 0xFFFF if s > 0xFFFF else s
+
+
+def tcp(
+    src: IPAddress, dst: IPAddress, sport: int, dport: int, seq: int, ack: int, flags: int,
+    window: int, data: bytes = b"", options: bytes = b"",
+) -> bytes:  # fmt: skip
+    """A TCP segment with its checksum; ``options`` must be padded to 4 bytes."""
+    off = (20 + len(options)) // 4
+    head = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, off << 4, flags, window, 0, 0)
+    seg = head + options + data
+    csum = l4_checksum(src, dst, IPPROTO_TCP, seg)
+    return seg[:16] + struct.pack("!H", csum) + seg[18:]
+
+
+def tcp_frame(
+    dst_mac: bytes, src_mac: bytes, src: IPAddress, dst: IPAddress, sport: int, dport: int,
+    seq: int, ack: int, flags: int, window: int, data: bytes = b"", options: bytes = b"",
+) -> bytes:  # fmt: skip
+    seg = tcp(src, dst, sport, dport, seq, ack, flags, window, data, options)
+    return ip_frame(dst_mac, src_mac, src, dst, IPPROTO_TCP, seg)

@@ -14,11 +14,9 @@ dropped and counted by reason (``trionet status`` → ``user.drops``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import zlib
-from collections import Counter, deque
+from collections import Counter
 from typing import Any
 
 import trio
@@ -28,10 +26,11 @@ from trionet.backends.user.arp import handle_arp
 from trionet.backends.user.config import UserConfig
 from trionet.backends.user.dhcp import DhcpServer
 from trionet.backends.user.dhcpv6 import handle_dhcpv6
-from trionet.backends.user.fastpath import SlowFrames, UdpFastPath
+from trionet.backends.user.fastpath import Outbox, SlowFrames, UdpFastPath
 from trionet.backends.user.fwd import guest_address
 from trionet.backends.user.icmp import IcmpFlows
 from trionet.backends.user.ndp import handle_ndp, unsolicited_ra
+from trionet.backends.user.tcp import TcpFlows
 from trionet.backends.user.udp import UdpFlows
 
 log = logging.getLogger(__name__)
@@ -47,46 +46,13 @@ DHCP_SERVER_PORT = 67
 DHCPV6_SERVER_PORT = 547
 
 
-class Outbox:
-    """Frames waiting for one pair's RX ring.  ``wake_fd`` (an eventfd) is
-    readable while frames wait, so the pair's RX task can wait on it together
-    with its UDP flows' epoll set."""
-
-    def __init__(self, limit: int = OUTBOX_LIMIT) -> None:
-        self.frames: deque[bytes] = deque()
-        self.limit = limit
-        self.dropped = 0
-        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._signalled = False
-
-    def put(self, frame: bytes) -> bool:
-        if len(self.frames) >= self.limit:
-            self.dropped += 1
-            return False
-        self.frames.append(frame)
-        if not self._signalled:
-            self._signalled = True
-            os.eventfd_write(self.wake_fd, 1)
-        return True
-
-    def clear_wake(self) -> None:
-        """The RX task is about to drain: the next put signals again."""
-        if self._signalled:
-            self._signalled = False
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self.wake_fd)
-
-    def close(self) -> None:
-        os.close(self.wake_fd)
-
-
 class UserStack:
     def __init__(self, cfg: UserConfig, max_pairs: int) -> None:
         self.cfg = cfg
         self.max_pairs = max_pairs
         self.guest_mac: bytes | None = cfg.guest_mac
         self.seen: dict[int, P.IPAddress] = {}  # the guest's own address in use, by IP version
-        self.outboxes = [Outbox() for _ in range(max_pairs)]
+        self.outboxes = [Outbox(OUTBOX_LIMIT) for _ in range(max_pairs)]
         self.active_pairs = 1
         self.drops: Counter[str] = Counter()
         self.handled: Counter[str] = Counter()
@@ -94,6 +60,7 @@ class UserStack:
         self.fast = UdpFastPath()
         self.udp = UdpFlows(self)
         self.icmp = IcmpFlows(self)
+        self.tcp = TcpFlows(self)
         self._announced = False
         self._slow: list[SlowFrames | None] = [None] * max_pairs
         self.nursery: trio.Nursery | None = None
@@ -108,6 +75,7 @@ class UserStack:
                 self.nursery = nursery
                 self.icmp.probe()
                 await self.udp.listen(nursery)
+                await self.tcp.listen(nursery)
                 if self.cfg.v6 is not None:
                     nursery.start_soon(self._advertise)
                 task_status.started()
@@ -116,9 +84,9 @@ class UserStack:
             self.nursery = None
             self.udp.close_all()
             self.icmp.close_all()
+            self.tcp.close_all()
             for box in self.outboxes:
-                box.frames.clear()
-                box.clear_wake()
+                box.clear()
 
     async def _advertise(self) -> None:
         """Unsolicited router advertisements, so the guest's IPv6 default route
@@ -190,7 +158,7 @@ class UserStack:
                 raise P.Drop("icmp_type")
             self.icmp.from_guest(pkt, pair)
         elif pkt.proto == P.IPPROTO_TCP:
-            raise P.Drop("tcp_not_supported")
+            self.tcp.from_guest(pkt, pair)
         if reply is not None:
             self.to_guest(reply, pair)
 
@@ -213,12 +181,9 @@ class UserStack:
         """Pairs >= n stop carrying traffic: their flows move to an active pair
         (by hash, never reset) and frames waiting for them are moved too."""
         self.active_pairs = max(1, min(n, self.max_pairs))
-        moved = self.udp.rehome() + self.icmp.rehome()
+        moved = self.udp.rehome() + self.icmp.rehome() + self.tcp.rehome()
         for p in range(self.active_pairs, self.max_pairs):
-            box = self.outboxes[p]
-            while box.frames:
-                self.to_guest(box.frames.popleft(), 0)
-            box.clear_wake()
+            self.outboxes[p].move_to(self.outboxes[0])  # what does not fit counts as dropped
         if moved:
             log.info("user stack: %d flows re-homed onto %d pairs", moved, self.active_pairs)
 
@@ -235,7 +200,7 @@ class UserStack:
     # ---- status ----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        flows = self.udp.describe() + self.icmp.describe()
+        flows = self.udp.describe() + self.icmp.describe() + self.tcp.describe()
         by_proto = Counter(f["proto"] for f in flows)
         return {
             "guest_mac": self.guest_mac.hex(":") if self.guest_mac else None,
@@ -247,4 +212,5 @@ class UserStack:
             "outbox_dropped": [box.dropped for box in self.outboxes],
             "ping_sockets": self.icmp.available,
             "udp": self.udp.counters(),
+            "tcp": self.tcp.counters(),
         }

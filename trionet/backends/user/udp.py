@@ -90,7 +90,7 @@ class UdpFlows:
             flow = self._open(key, target, pkt.sport, pair, pkt.ttl)
         else:
             self.move(flow, pair)
-        self.fast.flow(flow.slot).spoke |= lib.TN_UFLOW_GUEST_SPOKE
+        self.fast.spoke(flow.slot, lib.TN_UFLOW_GUEST_SPOKE)
         try:
             flow.sock.send(pkt.payload)
             self.stack.handled["udp_first_datagram"] += 1
@@ -228,13 +228,12 @@ class UdpFlows:
             )
             pair = self.stack.pair_for_key(key)
             flow = self._register(key, sock, tmpl, pair, f"{host_addr}:{sender[1]}", inbound=True)
-        c = self.fast.flow(flow.slot)
-        c.spoke |= lib.TN_UFLOW_HOST_SPOKE
+        self.fast.spoke(flow.slot, lib.TN_UFLOW_HOST_SPOKE)
         frame = P.udp_frame(
             self.stack.guest_dst_mac, cfg.our_mac, peer, gaddr, sender[1], guest_port, data
         )
         self.stack.handled["udp_inbound_first"] += 1
-        self.stack.to_guest(frame, int(c.pair))
+        self.stack.to_guest(frame, int(self.fast.flow(flow.slot).pair))
         flow.stamp = trio.current_time()
 
     # ---- flow life ---------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""TCP through the user backend end to end: a scripted guest's TCP
+(``tests/fakes/tcpguest.py``) over real vhost-user rings, real TCP servers on
+the host's 127.0.0.1 reached through the gateway 10.0.2.2."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.fakes.tcpguest import GuestConn, GuestNet, guest_net
+from tests.fakes.userguest import GUEST_MAC, GW4, make_config, user_guest
+from trionet.backends.user.config import Forward
+from trionet.backends.user.stack import UserStack
+
+BULK = 4 << 20
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+@pytest.fixture(params=[False, True], ids=["trio", "threads"])
+def threads(request: pytest.FixtureRequest) -> bool:
+    """The pairs served on the Trio thread, and by worker threads."""
+    return bool(request.param)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
+    """Starts TCP servers on 127.0.0.1; returns their ports."""
+    async with trio.open_nursery() as nursery:
+
+        async def start(handler: Handler) -> int:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+            )
+            return int(listeners[0].socket.getsockname()[1])
+
+        yield start
+        nursery.cancel_scope.cancel()
+
+
+async def read_to_eof(stream: trio.SocketStream) -> bytes:
+    out = bytearray()
+    while chunk := await stream.receive_some(1 << 20):
+        out += chunk
+    return bytes(out)
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    """Everything back once the client half-closed, then close."""
+    async with stream:
+        await stream.send_all(await read_to_eof(stream))
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    block = hashlib.sha256(seed.to_bytes(4, "big")).digest() * 2048
+    return (block * (n // len(block) + 1))[:n]
+
+
+def stack_of(net: GuestNet) -> UserStack:
+    session = net.g.service.session
+    assert session is not None
+    stack = session.stack
+    assert isinstance(stack, UserStack)
+    return stack
+
+
+async def settled(stack: UserStack) -> None:
+    """Every connection closed and released by its task."""
+    with trio.fail_after(20):
+        while stack.tcp.flows or stack.tcp.stats["released"] != stack.tcp.stats["opened"]:
+            await trio.sleep(0.01)
+
+
+async def test_megabytes_both_ways_with_half_close(
+    tmp_path: Path, server: Any, threads: bool
+) -> None:
+    up, down = pattern(BULK, 1), pattern(BULK, 2)
+    digests: list[bytes] = []
+    rates: dict[str, float] = {}
+
+    async def bulk(stream: trio.SocketStream) -> None:
+        async with stream:
+            got = await read_to_eof(stream)
+            digests.append(hashlib.sha256(got).digest())
+            await stream.send_all(hashlib.sha256(got).digest() + down)
+
+    port = await server(bulk)
+    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
+        conn = await net.connect(str(GW4), port)
+        t0 = time.monotonic()
+        await conn.send_all(up, fin=True)
+        while len(conn.rx) < 32:
+            await conn.progress.wait()
+        t1 = time.monotonic()
+        got = await conn.recv_until_fin()
+        t2 = time.monotonic()
+        rates["guest_to_host_MBps"] = BULK / (t1 - t0) / 1e6
+        rates["host_to_guest_MBps"] = BULK / (t2 - t1) / 1e6
+        assert got[:32] == hashlib.sha256(up).digest() == digests[0]
+        assert hashlib.sha256(got[32:]).digest() == hashlib.sha256(down).digest()
+        await settled(stack_of(net))
+        stats = dict(stack_of(net).tcp.stats)
+    print("throughput", {k: round(v, 1) for k, v in rates.items()}, stats)
+
+
+async def test_200_concurrent_connections(tmp_path: Path, server: Any, threads: bool) -> None:
+    port = await server(echo)
+    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
+        results: dict[int, bytes] = {}
+
+        async def one(i: int) -> None:
+            conn = await net.connect(str(GW4), port, pair=i % 2)
+            await conn.send_all(pattern(3000, i), fin=True)
+            results[i] = await conn.recv_until_fin()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(one, i)
+        assert all(results[i] == pattern(3000, i) for i in range(200))
+        stack = stack_of(net)
+        await settled(stack)
+        assert stack.tcp.stats["closed"] == 200
+
+
+async def test_short_connections_leak_no_fds(tmp_path: Path, server: Any) -> None:
+    port = await server(echo)
+    async with user_guest(tmp_path, make_config()) as g, guest_net(g) as net:
+        stack = stack_of(net)
+
+        async def one(i: int) -> None:
+            conn = await net.connect(str(GW4), port, pair=i % 2)
+            await conn.send_all(b"%d" % i, fin=True)
+            assert await conn.recv_until_fin() == b"%d" % i
+
+        async def wave(first: int, n: int) -> None:
+            async with trio.open_nursery() as nursery:
+                for i in range(first, first + n):
+                    nursery.start_soon(one, i)
+
+        await wave(0, 100)  # warm up: lazily created fds exist before counting
+        await settled(stack)
+        before = len(os.listdir("/proc/self/fd"))
+        with trio.fail_after(300):
+            for first in range(100, 2100, 100):
+                await wave(first, 100)
+        await settled(stack)
+        assert len(os.listdir("/proc/self/fd")) <= before
+        assert stack.tcp.stats["closed"] == 2100
+
+
+async def test_inbound_forward_to_a_guest_listener(tmp_path: Path) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    host_port = probe.getsockname()[1]
+    probe.close()
+    cfg = make_config(forwards=(Forward("tcp", None, host_port, host_port, 8080),),
+                      guest_mac=GUEST_MAC)  # fmt: skip
+    async with user_guest(tmp_path, cfg) as g, guest_net(g) as net:
+        accepted = net.listen(8080)
+        client = await trio.open_tcp_stream("127.0.0.1", host_port)
+        with trio.fail_after(10):
+            conn: GuestConn = await accepted.receive()
+            await client.send_all(b"hello guest")
+            while len(conn.rx) < 11:
+                await conn.progress.wait()
+            assert bytes(conn.rx) == b"hello guest"
+            assert conn.raddr == str(GW4)  # the host's loopback appears as the gateway
+            await conn.send_all(b"hello host", fin=True)
+            assert await read_to_eof(client) == b"hello host"
+            await client.aclose()
+            await conn.recv_until_fin()
+            await settled(stack_of(net))

@@ -1,0 +1,556 @@
+"""TCP flows: each guest connection translated to a host socket.
+
+The glue between the state machine (``tcp_conn.py``) and the host: sockets,
+one Trio task per connection, frames to the guest's queue pairs.
+
+- **Guest-initiated**: the guest's SYN to (A, P) opens a non-blocking socket
+  (``TCP_MAXSEG`` from the guest's MSS, keepalive, no Nagle: the guest does
+  its own) connecting to ``fwd.host_target``; the SYN-ACK goes to the guest
+  only once the connect completed, an RST when it failed.
+- **Inbound** (``-t SPEC``): trionet listens on the host ports; an accepted
+  connection sends a SYN to the guest from the peer's guest-side address
+  (``fwd.guest_view``), starting on a pair chosen by hash.
+- **Per connection**: one task waits on an edge-triggered epoll set holding
+  the socket (a level-triggered wait would spin: data the guest has not
+  acknowledged stays queued), with a cancel-scope deadline for the
+  connection's next timer; guest segments are handled inline by the TX path
+  and move that deadline.  Frames go to the pair of the guest's last
+  segment; ``rehome`` moves connections off disabled pairs without a reset.
+- **Frames** are built from a per-connection header template (``Template``):
+  addresses, ports and the pseudo-header sum are computed once.
+- A closed connection's socket, epoll set and table entry are released by its
+  task; nothing stays behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import logging
+import os
+import select
+import socket
+import struct
+import termios
+from collections import Counter
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, ip_address
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from trionet.backends.user import packets as P
+from trionet.backends.user.fwd import Unroutable, guest_view, host_target
+from trionet.backends.user.tcp_conn import (
+    ACK,
+    PEEK_MAX,
+    RST,
+    SYN,
+    Segment,
+    State,
+    TcpConn,
+    parse_segment,
+)
+
+if TYPE_CHECKING:
+    from trionet.backends.user.config import Forward, UserConfig
+    from trionet.backends.user.stack import UserStack
+
+log = logging.getLogger(__name__)
+
+SO_PEEK_OFF = 42
+SO_MEMINFO = 55
+SK_MEMINFO_SNDBUF, SK_MEMINFO_WMEM_QUEUED = 3, 5
+MAX_TCP_FLOWS = 8192  # two fds each: the socket and its epoll set
+OUTBOX_RESERVE = 64  # outbox slots left for other traffic
+MAX_BURST = 256  # segments one push puts in an outbox
+LISTEN_BACKLOG = 128
+ACCEPT_BACKOFF = 0.1  # s after a failed accept(): the listener stays readable
+EP_DATA = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+EP_CONNECT = select.EPOLLOUT | select.EPOLLET
+
+Key = tuple[int, P.IPAddress, P.IPAddress, int, int]  # version, gsrc, gdst, gsport, gdport
+
+
+class Template:
+    """Ethernet + IP + TCP headers of one connection's frames to the guest:
+    lengths, sequence numbers and checksums filled in per segment."""
+
+    __slots__ = ("addrs", "eth", "ip_sum", "ports", "pseudo", "v4")
+
+    def __init__(
+        self, dst_mac: bytes, src_mac: bytes, src: P.IPAddress, dst: P.IPAddress, sport: int,
+        dport: int,
+    ) -> None:  # fmt: skip
+        self.v4 = src.version == 4
+        self.addrs = src.packed + dst.packed
+        self.eth = dst_mac + src_mac + struct.pack("!H", P.ETH_P_IP if self.v4 else P.ETH_P_IPV6)
+        self.ip_sum = P.sum16(
+            struct.pack("!BBHHHBBH", 0x45, 0, 0, 0, 0x4000, 64, P.IPPROTO_TCP, 0) + self.addrs
+        )
+        self.pseudo = P.sum16(self.addrs + struct.pack("!xB", P.IPPROTO_TCP))
+        self.ports = struct.pack("!HH", sport, dport)
+
+    def frame(
+        self, flags: int, seq: int, ack: int, window: int, payload: bytes, options: bytes
+    ) -> bytes:
+        hlen = 20 + len(options)
+        head = self.ports + struct.pack("!IIBBHI", seq, ack, hlen << 2, flags, window, 0) + options
+        l4len = hlen + len(payload)
+        total = P.add16(P.add16(self.pseudo, l4len), P.add16(P.sum16(head), P.sum16(payload)))
+        tcph = head[:16] + struct.pack("!H", ~total & 0xFFFF) + head[18:]
+        if self.v4:
+            ip_csum = ~P.add16(self.ip_sum, 20 + l4len) & 0xFFFF
+            iph = (
+                struct.pack("!BBHHHBBH", 0x45, 0, 20 + l4len, 0, 0x4000, 64, P.IPPROTO_TCP, ip_csum)
+                + self.addrs
+            )
+        else:
+            iph = struct.pack("!IHBB", 6 << 28, l4len, P.IPPROTO_TCP, 64) + self.addrs
+        frame = self.eth + iph + tcph + payload
+        if len(frame) < P.ETH_ZLEN:
+            frame += bytes(P.ETH_ZLEN - len(frame))
+        return frame
+
+
+class HostSocket:
+    """A connection's host socket as ``tcp_conn.Host``: peeks at an offset
+    (``SO_PEEK_OFF``, or peek-and-skip where the kernel lacks it), drops
+    acknowledged bytes with ``MSG_TRUNC``, free send space from
+    ``SO_MEMINFO`` and ``SIOCOUTQ``."""
+
+    def __init__(self, sock: socket.socket, scratch: memoryview) -> None:
+        self.sock = sock
+        self.scratch = scratch
+        self.pos = 0  # the kernel's peek offset, as we set and moved it
+        self.outq = 0
+        self.aborted = False
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            self.peek_off = True
+        except OSError:
+            self.peek_off = False
+
+    def peek(self, offset: int, n: int) -> bytes | None:
+        try:
+            if not self.peek_off:
+                got = self.sock.recv(offset + n, socket.MSG_PEEK)
+                if not got:
+                    return b""
+                return got[offset:] if len(got) > offset else None
+            if offset != self.pos:
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
+                self.pos = offset
+            size = self.sock.recv_into(self.scratch, min(n, len(self.scratch)), socket.MSG_PEEK)
+        except BlockingIOError:
+            return None
+        self.pos += size
+        return bytes(self.scratch[:size])
+
+    def consume(self, n: int) -> None:
+        left = n
+        while left > 0:
+            try:
+                got = self.sock.recv(left, socket.MSG_TRUNC | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if not got:
+                break
+            left -= len(got)
+        self.pos = max(0, self.pos - n)
+
+    def send(self, data: bytes) -> int:
+        try:
+            return self.sock.send(data, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+
+    def space(self) -> int:
+        raw = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36)
+        mem: tuple[int, ...] = struct.unpack("9I", raw.ljust(36, b"\0"))
+        sndbuf, queued = mem[SK_MEMINFO_SNDBUF], mem[SK_MEMINFO_WMEM_QUEUED]
+        buf = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        self.outq = int.from_bytes(buf, "little", signed=True)
+        if queued >= sndbuf:
+            return 0
+        if self.outq and queued > self.outq:
+            # the share of the queue's memory that is payload
+            return (sndbuf - queued) * self.outq // queued
+        return (sndbuf - queued) // 2
+
+    def queued(self) -> int:
+        return self.outq
+
+    def shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+
+    def abort(self) -> None:
+        if not self.aborted and self.sock.fileno() >= 0:
+            self.aborted = True
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class GuestWire:
+    """A connection's way to the guest: frames into the outbox of its pair."""
+
+    def __init__(self, stack: UserStack, template: Template, pair: int) -> None:
+        self.stack = stack
+        self.template = template
+        self.pair = pair
+        self.rsts = 0
+
+    def room(self) -> int:
+        box = self.stack.outboxes[self.stack.home(self.pair)]
+        return max(0, min(MAX_BURST, box.limit - len(box.frames) - OUTBOX_RESERVE))
+
+    def segment(
+        self, flags: int, seq: int, ack: int, window: int, payload: bytes, options: bytes
+    ) -> None:
+        if flags & RST:
+            self.rsts += 1
+        frame = self.template.frame(flags, seq, ack, window, payload, options)
+        self.stack.to_guest(frame, self.pair)
+
+
+@dataclass(eq=False)
+class TcpFlow:
+    key: Key
+    sock: socket.socket
+    host: HostSocket
+    wire: GuestWire
+    conn: TcpConn
+    target: str  # the host-side peer, for status
+    inbound: bool
+    ep: select.epoll
+    mask: int = 0
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    timer: trio.CancelScope | None = None
+    released: bool = False
+
+
+class TcpFlows:
+    def __init__(self, stack: UserStack) -> None:
+        self.stack = stack
+        self.flows: dict[Key, TcpFlow] = {}
+        self.listeners: list[socket.socket] = []
+        self.scratch = memoryview(bytearray(PEEK_MAX))
+        self.stats: Counter[str] = Counter()
+
+    # ---- guest segments ----------------------------------------------------------
+
+    def from_guest(self, pkt: P.Packet, pair: int) -> None:
+        seg = parse_segment(pkt)
+        key: Key = (pkt.version, pkt.src, pkt.dst, pkt.sport, pkt.dport)
+        flow = self.flows.get(key)
+        if flow is None:
+            if seg.flags & (SYN | ACK | RST) == SYN:
+                self._open(key, seg, pair)
+            elif not seg.flags & RST:
+                self._rst_unknown(pkt, seg, pair)
+            return
+        flow.wire.pair = self.stack.home(pair)
+        self._guard(flow, lambda now: flow.conn.on_segment(seg, now))
+
+    def _rst_unknown(self, pkt: P.Packet, seg: Segment, pair: int) -> None:
+        """RFC 9293 §3.10.7.1: a segment for no connection gets a reset."""
+        if seg.flags & ACK:
+            seq, ack, flags = seg.ack, 0, RST
+        else:
+            seq, ack, flags = 0, (seg.seq + seg.seg_len) & 0xFFFFFFFF, RST | ACK
+        frame = P.tcp_frame(
+            self.stack.guest_dst_mac, self.stack.cfg.our_mac, pkt.dst, pkt.src, pkt.dport,
+            pkt.sport, seq, ack, flags, 0,
+        )  # fmt: skip
+        self.stats["rst_no_connection"] += 1
+        self.stack.to_guest(frame, pair)
+
+    def _open(self, key: Key, seg: Segment, pair: int) -> None:
+        gdst, gdport = key[2], key[4]
+        if len(self.flows) >= MAX_TCP_FLOWS or self.stack.nursery is None:
+            raise P.Drop("tcp_too_many_flows")
+        try:
+            target = host_target(self.stack.cfg, gdst, gdport)
+        except Unroutable as exc:
+            raise P.Drop(f"tcp_{exc.reason}") from None
+        family = socket.AF_INET if isinstance(target.address, IPv4Address) else socket.AF_INET6
+        sock = self._socket(family)
+        flow = self._flow(key, sock, str(target), pair, inbound=False)
+        flow.conn.guest_syn(seg)
+        self.stats["opened"] += 1
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, flow.conn.mss)
+
+        def start(now: float) -> None:
+            try:
+                sock.connect(target.sockaddr)
+            except BlockingIOError:
+                self._watch(flow, EP_CONNECT)
+                return
+            except OSError as exc:
+                self._connect_failed(flow, exc.errno or 0)
+                return
+            flow.conn.connected(now)
+
+        self._guard(flow, start)
+        self.stack.nursery.start_soon(self._serve, flow)
+
+    def _socket(self, family: int) -> socket.socket:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            log.warning("user stack: cannot open a TCP socket: %s", exc)
+            raise P.Drop("tcp_socket_error") from None
+        self._tune(sock)
+        return sock
+
+    @staticmethod
+    def _tune(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _flow(
+        self, key: Key, sock: socket.socket, target: str, pair: int, *, inbound: bool
+    ) -> TcpFlow:
+        version, gsrc, gdst, gsport, gdport = key
+        try:
+            ep = select.epoll(1)
+        except OSError:
+            sock.close()
+            raise P.Drop("tcp_no_fds") from None
+        cfg = self.stack.cfg
+        tmpl = Template(self.stack.guest_dst_mac, cfg.our_mac, gdst, gsrc, gdport, gsport)
+        wire = GuestWire(self.stack, tmpl, self.stack.home(pair))
+        host = HostSocket(sock, self.scratch)
+        mss_limit = min(cfg.mtu - (40 if version == 4 else 60), 0xFFFF)
+        iss = int.from_bytes(os.urandom(4), "big")
+        conn = TcpConn(host, wire, iss=iss, mss_limit=mss_limit, now=trio.current_time())
+        flow = TcpFlow(key, sock, host, wire, conn, target, inbound, ep)
+        self.flows[key] = flow
+        return flow
+
+    def _connect_failed(self, flow: TcpFlow, err: int) -> None:
+        self.stats["connect_failed"] += 1
+        self.stats[f"connect_{errno.errorcode.get(err, 'error')}"] += 1
+        flow.conn.reset("connect_failed", abort_host=False)
+
+    # ---- the connection's task -----------------------------------------------------
+
+    def _watch(self, flow: TcpFlow, mask: int) -> None:
+        if flow.mask == mask or flow.sock.fileno() < 0:
+            return
+        if flow.mask:
+            flow.ep.modify(flow.sock.fileno(), mask)
+        else:
+            flow.ep.register(flow.sock.fileno(), mask)
+        flow.mask = mask
+
+    async def _serve(self, flow: TcpFlow) -> None:
+        conn = flow.conn
+        try:
+            with flow.scope:
+                while not conn.closed:
+                    with trio.CancelScope(deadline=conn.next_deadline()) as timer:
+                        flow.timer = timer
+                        await trio.lowlevel.wait_readable(flow.ep.fileno())
+                    flow.timer = None
+                    events = 0
+                    for _fd, ev in flow.ep.poll(0):
+                        events |= ev
+                    if events:
+                        self._guard(flow, functools.partial(self._host_events, flow, events))
+                    if not conn.closed and trio.current_time() >= conn.next_deadline():
+                        self._guard(flow, conn.on_timer)
+        finally:
+            self._release(flow)
+
+    def _host_events(self, flow: TcpFlow, events: int, now: float) -> None:
+        """What the epoll set reported for the socket."""
+        conn = flow.conn
+        if conn.state is State.CONNECTING:
+            err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._connect_failed(flow, err)
+            elif events & (select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR):
+                conn.connected(now)
+                self._watch(flow, EP_DATA)
+            return
+        if events & select.EPOLLERR:
+            err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        if events & select.EPOLLOUT:
+            conn.on_writable(now)
+        if events & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP):
+            conn.on_readable(now)
+
+    def _guard(self, flow: TcpFlow, step: Any) -> None:
+        """Run one step of the connection; a host socket error resets it
+        towards the guest.  Then follow up: the epoll mask, the timer, the
+        table entry of a closed connection."""
+        conn = flow.conn
+        now = trio.current_time()
+        try:
+            step(now)
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, "error")
+            self.stats[f"host_{name}"] += 1
+            conn.reset(f"host_{name}", abort_host=False)
+        except Exception:  # a bug: this connection goes, the stack stays
+            log.exception("tcp flow %s in %s", flow.key, conn.state.value)
+            self.stats["internal_error"] += 1
+            with contextlib.suppress(Exception):
+                conn.reset("internal_error")
+            conn.state = State.CLOSED
+        if conn.closed:
+            if self.flows.get(flow.key) is flow:
+                del self.flows[flow.key]
+            if flow.timer is not None:
+                flow.timer.deadline = float("-inf")
+            return
+        if conn.state is not State.CONNECTING:
+            self._watch(flow, EP_DATA | (select.EPOLLOUT if conn.want_write else 0))
+        if flow.timer is not None:
+            flow.timer.deadline = conn.next_deadline()
+
+    def _release(self, flow: TcpFlow) -> None:
+        if flow.released:
+            return
+        flow.released = True
+        if self.flows.get(flow.key) is flow:
+            del self.flows[flow.key]
+        conn = flow.conn
+        if not conn.closed:
+            with contextlib.suppress(OSError):
+                conn.reset("shutdown")  # the stack stops: both peers are told
+        self.stats["released"] += 1
+        self.stats[f"reset_{conn.reset_reason}" if conn.reset_reason else "closed"] += 1
+        for name in ("retransmits", "fast_retransmits", "bytes_to_guest", "bytes_from_guest"):
+            self.stats[name] += getattr(conn, name)
+        self.stats["rst_to_guest"] += flow.wire.rsts
+        flow.wire.rsts = 0
+        if flow.ep.fileno() >= 0:
+            trio.lowlevel.notify_closing(flow.ep.fileno())
+            flow.ep.close()
+        if flow.sock.fileno() >= 0:
+            flow.sock.close()
+
+    # ---- inbound forwarding ----------------------------------------------------------
+
+    async def listen(self, nursery: trio.Nursery) -> None:
+        """Listen on every ``-t`` port; accepted connections become flows."""
+        for fwd in self.stack.cfg.forwards:
+            if fwd.proto != "tcp":
+                continue
+            for port in range(fwd.host_first, fwd.host_last + 1):
+                guest_port = fwd.guest_first + port - fwd.host_first
+                for family, addr in _bind_addresses(fwd, self.stack.cfg):
+                    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    try:
+                        sock.bind((addr, port))
+                        sock.listen(LISTEN_BACKLOG)
+                    except OSError as exc:
+                        sock.close()
+                        log.warning("user stack: cannot listen on tcp %s:%d: %s", addr, port, exc)
+                        continue
+                    self.listeners.append(sock)
+                    nursery.start_soon(self._accept, sock, guest_port)
+
+    async def _accept(self, listener: socket.socket, guest_port: int) -> None:
+        while True:
+            try:
+                sock, peer = listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            except OSError as exc:  # ECONNABORTED, or out of fds (EMFILE): back off
+                log.debug("tcp accept: %s", exc)
+                self.stats["accept_errors"] += 1
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            try:
+                self._inbound(sock, peer, guest_port)
+            except P.Drop as drop:
+                sock.close()
+                self.stack.drops[drop.reason] += 1
+
+    def _inbound(self, sock: socket.socket, peer: Any, guest_port: int) -> None:
+        sock.setblocking(False)
+        host_addr = ip_address(peer[0].split("%")[0])
+        gpeer = guest_view(self.stack.cfg, host_addr)
+        if gpeer is None:
+            raise P.Drop("tcp_inbound_family")
+        gaddr = self.stack.guest_address(gpeer.version)
+        if gaddr is None:
+            raise P.Drop("tcp_inbound_family")
+        key: Key = (gpeer.version, gaddr, gpeer, guest_port, peer[1])
+        if key in self.flows or len(self.flows) >= MAX_TCP_FLOWS or self.stack.nursery is None:
+            raise P.Drop("tcp_inbound_busy")
+        self._tune(sock)
+        flow = self._flow(key, sock, f"{host_addr}:{peer[1]}", self.stack.pair_for_key(key),
+                          inbound=True)  # fmt: skip
+        self.stats["opened"] += 1
+        self.stats["inbound"] += 1
+        flow.conn.open(trio.current_time())
+        self._watch(flow, EP_DATA)
+        self.stack.nursery.start_soon(self._serve, flow)
+
+    # ---- pairs, shutdown, status ---------------------------------------------------
+
+    def rehome(self) -> int:
+        moved = 0
+        for flow in self.flows.values():
+            if flow.wire.pair >= self.stack.active_pairs:
+                flow.wire.pair = self.stack.pair_for_key(flow.key)
+                moved += 1
+        return moved
+
+    def close_all(self) -> None:
+        for flow in list(self.flows.values()):
+            flow.scope.cancel()
+            self._release(flow)
+        self.flows.clear()
+        for sock in self.listeners:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+        self.listeners.clear()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "proto": "tcp" if f.key[0] == 4 else "tcp6",
+                "guest_port": f.key[3],
+                "remote": f"{f.key[2]}:{f.key[4]}",
+                "host_peer": f.target,
+                "inbound": f.inbound,
+                "state": f.conn.state.value,
+                "pair": f.wire.pair,
+                "bytes_to_guest": f.conn.bytes_to_guest,
+                "bytes_from_guest": f.conn.bytes_from_guest,
+                "retransmits": f.conn.retransmits,
+            }
+            for f in self.flows.values()
+        ]
+
+    def counters(self) -> dict[str, int]:
+        return {"connections": len(self.flows), **self.stats}
+
+
+def _bind_addresses(fwd: Forward, cfg: UserConfig) -> list[tuple[int, str]]:
+    if fwd.bind is not None:
+        family = socket.AF_INET if isinstance(fwd.bind, IPv4Address) else socket.AF_INET6
+        return [(family, str(fwd.bind))]
+    out: list[tuple[int, str]] = []
+    if cfg.v4 is not None:
+        out.append((socket.AF_INET, "0.0.0.0"))
+    if cfg.v6 is not None:
+        out.append((socket.AF_INET6, "::"))
+    return out

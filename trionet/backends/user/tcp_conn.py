@@ -1,0 +1,643 @@
+"""One TCP connection between the guest and a host socket: the state machine.
+
+Sans-IO in the way the ring code is: the connection owns no file descriptor
+and no task.  It is handed a ``Host`` (the host socket's few operations) and
+a ``Wire`` (segments to the guest) and is driven by three inputs: a segment
+from the guest (``on_segment``), the host socket being ready (``on_readable``,
+``on_writable``) and time (``on_timer`` at ``next_deadline()``).
+
+- **Handshake**: guest-initiated connections wait in ``CONNECTING`` until the
+  host ``connect()`` completed (``connected``), then send the SYN-ACK; inbound
+  ones (``-t``) start by sending a SYN (``open``).  The guest's MSS option is
+  clamped to the MTU; window scaling is offered and used when both sides
+  sent the option; SACK and timestamps are neither offered nor used.
+- **Host → guest**: data is never copied into a buffer of ours.  It stays in
+  the socket's receive queue and is peeked at offset ``snd_nxt - snd_una``;
+  what the guest acknowledges is dropped from the queue (``Host.consume``).
+  Retransmission (timeout with exponential backoff, or three duplicate ACKs)
+  rewinds ``snd_nxt`` to ``snd_una`` and peeks again.  Segments are at most
+  the guest's MSS, within its window, and never more than the wire takes.
+- **Guest → host**: in-order data goes to the socket; only what it accepted
+  is acknowledged, and the window advertised is the socket's free space
+  (zero below one MSS while data is queued: no silly windows).
+- **Close**: FIN both ways with half-close, RST both ways, an idle timeout,
+  keepalives towards a silent guest.
+
+Every transition is in ``TRANSITIONS``; anything else is a bug that resets
+the connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from trionet.backends.user import packets as P
+
+FIN, SYN, RST, PSH, ACK = P.TCP_FIN, P.TCP_SYN, P.TCP_RST, P.TCP_PSH, P.TCP_ACK
+
+MSS_DEFAULT = 536  # RFC 9293 §3.7.1, when the SYN carries no MSS option
+OUR_WSCALE = 8  # window scale we offer: windows up to 16 MiB
+MAX_WSCALE = 14
+RTO_INIT = 1.0  # s, RFC 6298
+RTO_MAX = 60.0
+MAX_RETRIES = 7  # retransmissions before the connection is reset (about 2 minutes)
+DUP_ACKS = 3  # duplicate ACKs that trigger a fast retransmit
+KEEPALIVE_INTERVAL = 30.0  # s of guest silence before a keepalive probe
+IDLE_TIMEOUT = 7200.0  # s without any activity: reset (passt's INACTIVITY_INTERVAL)
+PEEK_MAX = 1 << 16  # bytes peeked from the host socket per read
+BLOCKED_RETRY = 0.01  # s: the wire was full, try again then
+MASK = 0xFFFFFFFF
+
+
+def seq_lt(a: int, b: int) -> bool:
+    return ((a - b) & MASK) > 0x7FFFFFFF
+
+
+def seq_le(a: int, b: int) -> bool:
+    return a == b or seq_lt(a, b)
+
+
+def seq_diff(a: int, b: int) -> int:
+    """``a - b`` in sequence space (both within 2**31 of each other)."""
+    d = (a - b) & MASK
+    return d - (1 << 32) if d > 0x7FFFFFFF else d
+
+
+# ---- the segment as the guest sent it ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    seq: int
+    ack: int
+    flags: int
+    window: int  # as on the wire, unscaled
+    payload: bytes
+    mss: int | None = None  # options, read from SYN segments only
+    wscale: int | None = None
+
+    @property
+    def seg_len(self) -> int:
+        """Sequence space the segment occupies (SYN and FIN count one)."""
+        return len(self.payload) + bool(self.flags & SYN) + bool(self.flags & FIN)
+
+
+def parse_segment(pkt: P.Packet) -> Segment:
+    """The TCP fields of a parsed frame (``packets.parse`` checked lengths)."""
+    seg = pkt.l4
+    if len(seg) < 20:
+        raise P.Drop("short_tcp")
+    seq, ack, off, flags, window = struct.unpack_from("!IIBBH", seg, 4)
+    hlen = (off >> 4) * 4
+    mss = wscale = None
+    if flags & SYN and hlen > 20:
+        mss, wscale = _syn_options(seg[20:hlen])
+    if flags & SYN and flags & (FIN | RST):
+        raise P.Drop("tcp_flags")
+    return Segment(seq, ack, flags, window, pkt.payload, mss, wscale)
+
+
+def _syn_options(opts: bytes) -> tuple[int | None, int | None]:
+    """MSS and window scale from a SYN's options; others (SACK, timestamps)
+    are ignored, and a malformed list ends the walk."""
+    mss = wscale = None
+    i = 0
+    while i < len(opts):
+        kind = opts[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= len(opts) or opts[i + 1] < 2 or i + opts[i + 1] > len(opts):
+            break
+        size = opts[i + 1]
+        if kind == 2 and size == 4:
+            mss = struct.unpack_from("!H", opts, i + 2)[0]
+        elif kind == 3 and size == 3:
+            wscale = min(opts[i + 2], MAX_WSCALE)
+        i += size
+    return mss, wscale
+
+
+def syn_options(mss: int, wscale: int | None) -> bytes:
+    """Our SYN options: MSS, and window scale when offered (padded with NOP)."""
+    out = struct.pack("!BBH", 2, 4, mss)
+    if wscale is not None:
+        out += struct.pack("!BBBB", 1, 3, 3, wscale)
+    return out
+
+
+# ---- states --------------------------------------------------------------------------
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"  # guest SYN seen, host connect() in progress
+    SYN_RCVD = "syn_rcvd"  # SYN-ACK sent to the guest
+    SYN_SENT = "syn_sent"  # inbound: SYN sent to the guest
+    ESTABLISHED = "established"
+    CLOSE_WAIT = "close_wait"  # the guest sent FIN; host data still flows
+    FIN_WAIT_1 = "fin_wait_1"  # our FIN sent (host EOF), not acknowledged
+    FIN_WAIT_2 = "fin_wait_2"  # our FIN acknowledged; guest data still flows
+    CLOSING = "closing"  # both FINs, ours not acknowledged
+    LAST_ACK = "last_ack"  # guest FIN first, then ours, not acknowledged
+    CLOSED = "closed"
+
+
+class Event(enum.Enum):
+    CONNECTED = "connected"  # host connect() done, SYN-ACK sent
+    SYN_ACKED = "syn_acked"  # the guest acknowledged our SYN
+    GUEST_FIN = "guest_fin"
+    FIN_SENT = "fin_sent"  # host EOF, FIN sent to the guest
+    FIN_ACKED = "fin_acked"
+    RESET = "reset"  # either side, or a timeout
+
+
+S, E = State, Event
+# Everything that moves the state lives here.  RESET leads to CLOSED from anywhere.
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (S.CONNECTING, E.CONNECTED): S.SYN_RCVD,
+    (S.SYN_RCVD, E.SYN_ACKED): S.ESTABLISHED,
+    (S.SYN_SENT, E.SYN_ACKED): S.ESTABLISHED,
+    (S.ESTABLISHED, E.GUEST_FIN): S.CLOSE_WAIT,
+    (S.ESTABLISHED, E.FIN_SENT): S.FIN_WAIT_1,
+    (S.CLOSE_WAIT, E.FIN_SENT): S.LAST_ACK,
+    (S.FIN_WAIT_1, E.GUEST_FIN): S.CLOSING,
+    (S.FIN_WAIT_1, E.FIN_ACKED): S.FIN_WAIT_2,
+    (S.FIN_WAIT_2, E.GUEST_FIN): S.CLOSED,
+    (S.CLOSING, E.FIN_ACKED): S.CLOSED,
+    (S.LAST_ACK, E.FIN_ACKED): S.CLOSED,
+}
+SYNCHRONIZED = frozenset(
+    {S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.FIN_WAIT_2, S.CLOSING, S.LAST_ACK}
+)
+GUEST_MAY_SEND = frozenset({S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2})
+WE_MAY_SEND = frozenset({S.ESTABLISHED, S.CLOSE_WAIT})
+
+
+class TransitionError(Exception):
+    """An event the state machine has no transition for (a bug)."""
+
+
+# ---- what the connection is given -----------------------------------------------------
+
+
+class Host(Protocol):
+    """The host socket, as the connection uses it.  Methods may raise
+    ``OSError`` (the host peer reset the connection)."""
+
+    def peek(self, offset: int, n: int) -> bytes | None:
+        """Up to ``n`` bytes at ``offset`` in the receive queue without taking
+        them; b"" at end of stream, None when nothing is there yet."""
+
+    def consume(self, n: int) -> None:
+        """Drop ``n`` bytes from the head of the receive queue."""
+
+    def send(self, data: bytes) -> int:
+        """Queue ``data``; how many bytes were taken (0 when full)."""
+
+    def space(self) -> int:
+        """Bytes a send would take now."""
+
+    def queued(self) -> int:
+        """Bytes waiting in the send queue (as of the last ``space``)."""
+
+    def shutdown_write(self) -> None: ...
+
+    def abort(self) -> None:
+        """Close with a reset towards the host peer."""
+
+
+class Wire(Protocol):
+    """Segments towards the guest."""
+
+    def room(self) -> int:
+        """Segments the guest side takes now."""
+
+    def segment(
+        self, flags: int, seq: int, ack: int, window: int, payload: bytes, options: bytes
+    ) -> None: ...
+
+
+# ---- the connection --------------------------------------------------------------------
+
+
+class TcpConn:
+    def __init__(self, host: Host, wire: Wire, *, iss: int, mss_limit: int, now: float) -> None:
+        self.host = host
+        self.wire = wire
+        self.state = State.CONNECTING
+        self.mss_limit = mss_limit  # the MTU's MSS for this family
+        self.mss = min(MSS_DEFAULT, mss_limit)  # largest segment to the guest
+        # towards the guest
+        self.iss = iss
+        self.snd_una = self.snd_nxt = self.snd_max = iss
+        self.snd_wnd = 1  # bytes, scaled
+        self.ws_from_guest = 0
+        self.fin_seq: int | None = None  # sequence number of our FIN once the host said EOF
+        # from the guest
+        self.irs = 0
+        self.rcv_nxt = 0
+        self.ws_to_guest = 0
+        self.wnd_sent = 0  # window last advertised, bytes
+        self.guest_fin = False
+        # timers and flags
+        self.retries = 0
+        self.rto_at: float | None = None
+        self.dupacks = 0
+        self.ack_due = False
+        self.want_write = False  # waiting for the host socket to take more
+        self.blocked_at: float | None = None  # the wire was full: try again then
+        self.probe = False  # the guest's window is zero: probe with one byte
+        self.last_guest = self.last_activity = self.keepalive_at = now
+        self.reset_reason: str | None = None
+        # counters
+        self.bytes_to_guest = 0
+        self.bytes_from_guest = 0
+        self.retransmits = 0
+        self.fast_retransmits = 0
+
+    # ---- transitions ------------------------------------------------------------
+
+    def _event(self, ev: Event) -> None:
+        if ev is Event.RESET:
+            self.state = State.CLOSED
+            return
+        new = TRANSITIONS.get((self.state, ev))
+        if new is None:
+            raise TransitionError(f"{ev.value} in {self.state.value}")
+        self.state = new
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    # ---- opening -----------------------------------------------------------------
+
+    def guest_syn(self, seg: Segment) -> None:
+        """The guest's SYN that created the connection (state CONNECTING)."""
+        self.irs = seg.seq
+        self.rcv_nxt = (seg.seq + 1) & MASK
+        self._take_syn_options(seg, offered=seg.wscale is not None)
+
+    def _take_syn_options(self, seg: Segment, *, offered: bool) -> None:
+        self.mss = max(64, min(seg.mss if seg.mss else MSS_DEFAULT, self.mss_limit))
+        if offered and seg.wscale is not None:
+            self.ws_from_guest, self.ws_to_guest = seg.wscale, OUR_WSCALE
+        else:
+            self.ws_from_guest = self.ws_to_guest = 0
+        self.snd_wnd = seg.window  # never scaled in a SYN
+
+    def connected(self, now: float) -> None:
+        """The host connect() completed: SYN-ACK to the guest."""
+        self._event(Event.CONNECTED)
+        self._send_syn(now)
+
+    def open(self, now: float) -> None:
+        """Inbound: the host accepted a connection; SYN to the guest."""
+        self.state = State.SYN_SENT
+        self._send_syn(now)
+
+    def _send_syn(self, now: float) -> None:
+        inbound = self.state is State.SYN_SENT
+        wscale = OUR_WSCALE if inbound or self.ws_to_guest else None
+        opts = syn_options(self.mss_limit, wscale)
+        flags = SYN if inbound else SYN | ACK
+        window = min(self._space(), 0xFFFF)
+        self.wnd_sent = window
+        self.wire.segment(flags, self.iss, self.rcv_nxt if not inbound else 0, window, b"", opts)
+        self.snd_nxt = self.snd_max = (self.iss + 1) & MASK
+        self.rto_at = now + self._rto()
+
+    # ---- guest segments ------------------------------------------------------------
+
+    def on_segment(self, seg: Segment, now: float) -> None:
+        if self.closed:
+            return
+        self.last_guest = self.last_activity = self.keepalive_at = now
+        if seg.flags & RST:
+            self._guest_rst(seg)
+            return
+        st = self.state
+        if st is State.CONNECTING:
+            return  # a retransmitted SYN: the SYN-ACK follows the connect
+        if st is State.SYN_SENT:
+            self._syn_ack(seg, now)
+            return
+        if seg.flags & SYN:
+            if st is State.SYN_RCVD and not seg.flags & ACK and seg.seq == self.irs:
+                self._retransmit_syn(now)  # our SYN-ACK was lost
+            else:
+                self._send_ack()  # RFC 5961 §4: challenge ACK
+            return
+        if not seg.flags & ACK:
+            return
+        if st is State.SYN_RCVD:
+            if seg.ack != self.snd_nxt:
+                self.wire.segment(RST, seg.ack, 0, 0, b"", b"")
+                return
+            self.snd_una = seg.ack
+            self.rto_at = None
+            self.retries = 0
+            self._event(Event.SYN_ACKED)
+        self._ack(seg, now)
+        if self.closed:
+            return
+        if seg.payload or seg.flags & FIN:
+            self._data(seg, now)
+        if not self.closed:
+            self.push(now)
+
+    def _guest_rst(self, seg: Segment) -> None:
+        """Accepted when in the receive window (RFC 9293 §3.10.7.4); in
+        SYN_SENT when it acknowledges our SYN."""
+        if self.state is State.SYN_SENT:
+            ok = bool(seg.flags & ACK) and seg.ack == self.snd_nxt
+        else:
+            off = seq_diff(seg.seq, self.rcv_nxt)
+            ok = 0 <= off <= max(self.wnd_sent, 1)
+        if ok:
+            self.reset_reason = "guest_rst"
+            self._event(Event.RESET)
+            self.host.abort()
+
+    def _syn_ack(self, seg: Segment, now: float) -> None:
+        want = SYN | ACK
+        if seg.flags & want != want:
+            return
+        if seg.ack != self.snd_nxt:
+            self.wire.segment(RST, seg.ack, 0, 0, b"", b"")
+            return
+        self.irs = seg.seq
+        self.rcv_nxt = (seg.seq + 1) & MASK
+        self._take_syn_options(seg, offered=True)
+        self.snd_una = seg.ack
+        self.rto_at = None
+        self.retries = 0
+        self._event(Event.SYN_ACKED)
+        self._send_ack()
+        self.push(now)
+
+    def _ack(self, seg: Segment, now: float) -> None:
+        ack = seg.ack
+        if seq_lt(self.snd_max, ack):
+            self.ack_due = True  # acknowledges what we never sent
+            return
+        if seq_lt(ack, self.snd_una):
+            return  # older than what we know
+        window = seg.window << self.ws_from_guest
+        if seq_lt(self.snd_una, ack):
+            acked = seq_diff(ack, self.snd_una)
+            fin_acked = self.fin_seq is not None and ack == ((self.fin_seq + 1) & MASK)
+            self.host.consume(acked - fin_acked)
+            self.snd_una = ack
+            if seq_lt(self.snd_nxt, ack):
+                self.snd_nxt = ack
+            self.retries = 0
+            self.dupacks = 0
+            self.probe = False
+            self.rto_at = now + self._rto() if self.snd_nxt != self.snd_una else None
+            if fin_acked:
+                self._event(Event.FIN_ACKED)
+        elif (
+            ack == self.snd_una
+            and not seg.payload
+            and not seg.flags & FIN
+            and window == self.snd_wnd
+            and self.snd_max != self.snd_una
+        ):
+            self.dupacks += 1
+            if self.dupacks == DUP_ACKS:
+                self.fast_retransmits += 1
+                self._rewind()
+        self.snd_wnd = window
+        if window:
+            self.probe = False
+        elif self.probe:
+            # the guest answers our probes: keep probing, never give up on it
+            self.retries = min(self.retries, MAX_RETRIES - 1)
+
+    def _data(self, seg: Segment, now: float) -> None:
+        if self.state not in GUEST_MAY_SEND:
+            if seg.flags & FIN or seg.payload:
+                self._send_ack()  # a retransmission after its FIN: acknowledge again
+            return
+        offset = seq_diff(self.rcv_nxt, seg.seq)
+        if offset < 0:
+            self._send_ack()  # a gap: duplicate ACK, the guest retransmits
+            return
+        data = seg.payload[offset:] if offset else seg.payload
+        if data:
+            taken = self.host.send(data)
+            self.rcv_nxt = (self.rcv_nxt + taken) & MASK
+            self.bytes_from_guest += taken
+            self.ack_due = True
+            if taken < len(data):
+                self.want_write = True
+                self._send_ack()
+                return  # the FIN, if any, comes again with what was not taken
+        elif seg.payload:
+            self._send_ack()  # all of it seen already
+        if seg.flags & FIN:
+            fin_at = (seg.seq + len(seg.payload)) & MASK
+            if fin_at == self.rcv_nxt and not self.guest_fin:
+                self.guest_fin = True
+                self.rcv_nxt = (self.rcv_nxt + 1) & MASK
+                self.host.shutdown_write()
+                self._event(Event.GUEST_FIN)
+                self._send_ack()
+            elif self.guest_fin:
+                self._send_ack()
+
+    # ---- host → guest -------------------------------------------------------------
+
+    def _has_more(self) -> bool:
+        return self.fin_seq is None or seq_le(self.snd_nxt, self.fin_seq)
+
+    def push(self, now: float) -> None:
+        """Send what the host socket holds, within the guest's window, the MSS
+        and the wire's room; the FIN once the host said EOF."""
+        if self.state not in WE_MAY_SEND and not (
+            self.fin_seq is not None and seq_le(self.snd_nxt, self.fin_seq)
+        ):
+            return
+        room = self.wire.room()
+        window = self.snd_wnd if not self.probe else max(self.snd_wnd, 1)
+        sent = False
+        while True:
+            inflight = seq_diff(self.snd_nxt, self.snd_una)
+            if self.fin_seq is not None and self.snd_nxt == self.fin_seq:
+                if room <= 0:
+                    self.blocked_at = now
+                    break
+                self._send_fin()
+                sent = True
+                break
+            usable = window - inflight
+            if self.fin_seq is not None and seq_lt(self.fin_seq, self.snd_nxt):
+                break
+            if usable <= 0:
+                if not self.snd_wnd and self.rto_at is None:
+                    self.rto_at = now + self._rto()  # the persist timer
+                break
+            if room <= 0:
+                self.blocked_at = now
+                break
+            want = min(usable, PEEK_MAX, room * self.mss)
+            if self.fin_seq is not None:
+                want = min(want, seq_diff(self.fin_seq, self.snd_nxt))
+            data = self.host.peek(inflight, want)
+            if data is None:
+                break
+            if not data:
+                self.fin_seq = self.snd_nxt  # end of stream: everything before is peeked
+                continue
+            room -= self._send_data(data)
+            sent = True
+        if sent and self.rto_at is None:
+            self.rto_at = now + self._rto()
+
+    def _send_data(self, data: bytes) -> int:
+        """``data`` in segments of at most one MSS; how many segments."""
+        mss, n = self.mss, 0
+        window = self._window()
+        for i in range(0, len(data), mss):
+            chunk = data[i : i + mss]
+            last = i + mss >= len(data)
+            flags = ACK | PSH if last else ACK
+            self.wire.segment(flags, self.snd_nxt, self.rcv_nxt, window, chunk, b"")
+            self.snd_nxt = (self.snd_nxt + len(chunk)) & MASK
+            n += 1
+        if seq_lt(self.snd_max, self.snd_nxt):
+            self.bytes_to_guest += seq_diff(self.snd_nxt, self.snd_max)
+            self.snd_max = self.snd_nxt
+        self.ack_due = False
+        return n
+
+    def _send_fin(self) -> None:
+        first = self.state in WE_MAY_SEND
+        self.wire.segment(FIN | ACK, self.snd_nxt, self.rcv_nxt, self._window(), b"", b"")
+        self.snd_nxt = (self.snd_nxt + 1) & MASK
+        if seq_lt(self.snd_max, self.snd_nxt):
+            self.snd_max = self.snd_nxt
+        self.ack_due = False
+        if first:
+            self._event(Event.FIN_SENT)
+
+    def _rewind(self) -> None:
+        """Go back to what the guest acknowledged: the next push re-reads it."""
+        self.snd_nxt = self.snd_una
+        self.retransmits += 1
+
+    # ---- window and ACKs ------------------------------------------------------------
+
+    def _space(self) -> int:
+        return 0 if self.guest_fin else max(0, self.host.space())
+
+    def _window(self) -> int:
+        """The window field to send: the socket's free space, scaled; zero
+        below one MSS when data is queued (silly window avoidance)."""
+        space = min(self._space(), 0xFFFF << self.ws_to_guest)
+        if space < self.mss and self.host.queued():
+            space = 0  # RFC 813 §4: wait until a whole segment fits
+        field = space >> self.ws_to_guest
+        self.wnd_sent = field << self.ws_to_guest
+        if not field and not self.guest_fin:
+            self.want_write = True
+        return field
+
+    def _send_ack(self) -> None:
+        self.wire.segment(ACK, self.snd_nxt, self.rcv_nxt, self._window(), b"", b"")
+        self.ack_due = False
+
+    def on_writable(self, now: float) -> None:
+        """The host socket takes data again: tell the guest (window update)."""
+        self.want_write = False
+        if self.state in GUEST_MAY_SEND:
+            before = self.wnd_sent
+            if self._window() << self.ws_to_guest > before:
+                self._send_ack()
+
+    def on_readable(self, now: float) -> None:
+        self.last_activity = now
+        self.push(now)
+
+    # ---- time ---------------------------------------------------------------------
+
+    def _rto(self) -> float:
+        return min(RTO_INIT * (1 << self.retries), RTO_MAX)
+
+    def next_deadline(self) -> float:
+        if self.closed:
+            return float("-inf")
+        if self.ack_due:
+            return float("-inf")
+        at = self.last_activity + IDLE_TIMEOUT
+        if self.state in SYNCHRONIZED:
+            at = min(at, self.keepalive_at + KEEPALIVE_INTERVAL)
+        if self.rto_at is not None:
+            at = min(at, self.rto_at)
+        if self.blocked_at is not None:
+            at = min(at, self.blocked_at + BLOCKED_RETRY)
+        return at
+
+    def on_timer(self, now: float) -> None:
+        if self.ack_due:
+            self._send_ack()
+        if self.blocked_at is not None and now >= self.blocked_at + BLOCKED_RETRY:
+            self.blocked_at = None
+            self.push(now)
+        if self.rto_at is not None and now >= self.rto_at:
+            self._timeout(now)
+        if self.closed:
+            return
+        if now >= self.last_activity + IDLE_TIMEOUT:
+            self.reset("idle")
+            return
+        if self.state in SYNCHRONIZED and now >= self.keepalive_at + KEEPALIVE_INTERVAL:
+            self.keepalive_at = now
+            if self.snd_una == self.snd_max:
+                # an old sequence number: a live guest answers with an ACK
+                seq = (self.snd_nxt - 1) & MASK
+                self.wire.segment(ACK, seq, self.rcv_nxt, self._window(), b"", b"")
+
+    def _timeout(self, now: float) -> None:
+        if self.retries >= MAX_RETRIES:
+            self.reset("retransmit_timeout")
+            return
+        self.retries += 1
+        self.rto_at = now + self._rto()
+        if self.state in (State.SYN_SENT, State.SYN_RCVD):
+            self._retransmit_syn(now)
+            return
+        self.probe = self.snd_wnd == 0  # zero window: probe with one byte
+        if self.snd_una != self.snd_max:
+            self._rewind()
+        self.push(now)
+        if self.snd_una == self.snd_max:
+            self.rto_at = None  # nothing to send after all
+            self.probe = False
+
+    def _retransmit_syn(self, now: float) -> None:
+        """Our SYN (inbound) or SYN-ACK again; the running timer stays."""
+        self.retransmits += 1
+        rto_at = self.rto_at
+        self._send_syn(now)
+        if rto_at is not None:
+            self.rto_at = rto_at
+
+    # ---- resets ---------------------------------------------------------------------
+
+    def reset(self, reason: str, *, abort_host: bool = True) -> None:
+        """Reset: RST to the guest, and (``abort_host``) one to the host peer.
+        Without ``abort_host``: the host side failed already."""
+        if self.closed:
+            return
+        self.reset_reason = reason
+        self.wire.segment(RST | ACK, self.snd_nxt, self.rcv_nxt, 0, b"", b"")
+        self._event(Event.RESET)
+        if abort_host:
+            self.host.abort()
