@@ -83,6 +83,11 @@ static uint16_t fold(uint64_t acc)
     return (uint16_t)acc;
 }
 
+uint16_t tn_sum16(const uint8_t *p, size_t len)
+{
+    return __builtin_bswap16(fold(sum_le(p, len, 0)));
+}
+
 /* Sum len bytes of iovecs; a segment that starts at an odd position in the
  * stream contributes byte-swapped. */
 static uint64_t sum_iov(const struct iovec *iov, uint32_t n, uint32_t len, uint64_t acc)

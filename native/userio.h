@@ -103,6 +103,11 @@ struct tn_slow {
 
 void tn_slow_reset(struct tn_slow *s);
 
+/* Ones'-complement sum of len bytes as big-endian 16-bit words (an odd last
+ * byte padded with zero), folded, not complemented: 0 only for all-zero data.
+ * The Python stack's checksums over payloads (TCP segments) use it. */
+uint16_t tn_sum16(const uint8_t *p, size_t len);
+
 /* 0 or -errno (epoll_create1, or -ENOMEM).  Zeroes the table. */
 int tn_utable_init(struct tn_utable *t);
 /* Closes the epoll sets and frees the locks (no batch may run any more); the

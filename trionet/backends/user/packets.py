@@ -18,6 +18,8 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
+from trionet.native import ffi, lib
+
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
@@ -77,9 +79,8 @@ class Packet:
 
 def checksum(data: bytes, initial: int = 0) -> int:
     """Internet checksum (RFC 1071) of ``data``, folded, complemented."""
-    if len(data) & 1:
-        data += b"\0"
-    total = initial + sum(memoryview(data).cast("H"))
+    be = int(lib.tn_sum16(ffi.from_buffer("uint8_t[]", data), len(data)))
+    total = initial + ((be & 0xFF) << 8 | be >> 8)  # native (little-endian) order
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     # the sum above is over native-endian words: swap to network order
@@ -351,13 +352,8 @@ TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
 def sum16(data: bytes) -> int:
     """Ones'-complement sum of ``data`` as big-endian 16-bit words, folded,
-    not complemented (0..0xffff).  Uses 2**16 ≡ 1 (mod 0xffff): one bignum
-    remainder instead of a loop over words."""
-    if len(data) & 1:
-        data += b"\0"
-    x = int.from_bytes(data, "big")
-    s = x % 0xFFFF
-    return 0xFFFF if s == 0 and x else s
+    not complemented (0..0xffff; 0 only for all-zero data), computed natively."""
+    return int(lib.tn_sum16(ffi.from_buffer("uint8_t[]", data), len(data)))
 
 
 def add16(a: int, b: int) -> int:
