@@ -21,7 +21,10 @@ from tests.fakes.userguest import GUEST_MAC, GW4, make_config, user_guest
 from trionet.backends.user.config import Forward
 from trionet.backends.user.stack import UserStack
 
-BULK = 4 << 20
+BULK = 100 << 20  # the issue's "at least 100 MB each way", on the Trio data path
+BULK_THREADS = 8 << 20  # the same path on worker threads, smaller to keep the suite short
+CONCURRENT = 500
+SHORT_CONNECTIONS = 10_000
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
 
@@ -64,6 +67,11 @@ def pattern(n: int, seed: int = 0) -> bytes:
     return (block * (n // len(block) + 1))[:n]
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (not its peak)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def stack_of(net: GuestNet) -> UserStack:
     session = net.g.service.session
     assert session is not None
@@ -82,7 +90,8 @@ async def settled(stack: UserStack) -> None:
 async def test_megabytes_both_ways_with_half_close(
     tmp_path: Path, server: Any, threads: bool
 ) -> None:
-    up, down = pattern(BULK, 1), pattern(BULK, 2)
+    size = BULK_THREADS if threads else BULK
+    up, down = pattern(size, 1), pattern(size, 2)
     digests: list[bytes] = []
     rates: dict[str, float] = {}
 
@@ -102,8 +111,8 @@ async def test_megabytes_both_ways_with_half_close(
         t1 = time.monotonic()
         got = await conn.recv_until_fin()
         t2 = time.monotonic()
-        rates["guest_to_host_MBps"] = BULK / (t1 - t0) / 1e6
-        rates["host_to_guest_MBps"] = BULK / (t2 - t1) / 1e6
+        rates["guest_to_host_MBps"] = size / (t1 - t0) / 1e6
+        rates["host_to_guest_MBps"] = size / (t2 - t1) / 1e6
         assert got[:32] == hashlib.sha256(up).digest() == digests[0]
         assert hashlib.sha256(got[32:]).digest() == hashlib.sha256(down).digest()
         await settled(stack_of(net))
@@ -111,7 +120,7 @@ async def test_megabytes_both_ways_with_half_close(
     print("throughput", {k: round(v, 1) for k, v in rates.items()}, stats)
 
 
-async def test_200_concurrent_connections(tmp_path: Path, server: Any, threads: bool) -> None:
+async def test_500_concurrent_connections(tmp_path: Path, server: Any, threads: bool) -> None:
     port = await server(echo)
     async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
         results: dict[int, bytes] = {}
@@ -123,12 +132,12 @@ async def test_200_concurrent_connections(tmp_path: Path, server: Any, threads: 
 
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                for i in range(200):
+                for i in range(CONCURRENT):
                     nursery.start_soon(one, i)
-        assert all(results[i] == pattern(3000, i) for i in range(200))
+        assert all(results[i] == pattern(3000, i) for i in range(CONCURRENT))
         stack = stack_of(net)
         await settled(stack)
-        assert stack.tcp.stats["closed"] == 200
+        assert stack.tcp.stats["closed"] == CONCURRENT
 
 
 async def test_short_connections_leak_no_fds(tmp_path: Path, server: Any) -> None:
@@ -149,12 +158,15 @@ async def test_short_connections_leak_no_fds(tmp_path: Path, server: Any) -> Non
         await wave(0, 100)  # warm up: lazily created fds exist before counting
         await settled(stack)
         before = len(os.listdir("/proc/self/fd"))
-        with trio.fail_after(300):
-            for first in range(100, 2100, 100):
+        rss_before = rss_bytes()
+        with trio.fail_after(600):
+            for first in range(100, SHORT_CONNECTIONS + 100, 100):
                 await wave(first, 100)
         await settled(stack)
         assert len(os.listdir("/proc/self/fd")) <= before
-        assert stack.tcp.stats["closed"] == 2100
+        assert stack.tcp.stats["closed"] == SHORT_CONNECTIONS + 100
+        # flat: what 10,000 connections left behind is allocator noise, not per-connection state
+        assert rss_bytes() - rss_before < 32 << 20, (rss_before, rss_bytes())
 
 
 async def test_inbound_forward_to_a_guest_listener(tmp_path: Path) -> None:
