@@ -89,8 +89,12 @@ class GuestNet:
         q = self.fe.queues[2 * pair + 1]
         call = self.fe.calls[2 * pair + 1]
         while True:
+            self._pump(pair)  # takes the used entries, lays the backlog
+            # ask for an interrupt at the next used entry *after* taking the used
+            # ones, then look again: one that landed in between raises none
             q.set_used_event(q.last_used)
-            self._pump(pair)
+            if q.used_idx() != q.last_used:
+                continue
             await trio.lowlevel.wait_readable(call)
             with suppress(BlockingIOError):
                 os.eventfd_read(call)

@@ -67,9 +67,12 @@ class UserGuest:
 
     def _collect(self, pair: int) -> None:
         q = self.fe.queues[2 * pair]
-        for used in q.take_used():
-            self.pending[pair].append(q.read_rx(used))
+        used = q.take_used()
+        for u in used:
+            self.pending[pair].append(q.read_rx(u))
             q.add_rx(4096)
+        if used:
+            self.fe.kick(2 * pair)  # as a driver does after adding buffers
         q.set_used_event(q.last_used)
 
     async def recv_raw(self, pair: int, timeout: float = 5) -> bytes:

@@ -106,14 +106,15 @@ async def test_megabytes_both_ways_with_half_close(
 
     port = await server(bulk)
     async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
-        conn = await net.connect(str(GW4), port)
-        t0 = time.monotonic()
-        await conn.send_all(up, fin=True)
-        while len(conn.rx) < 32:
-            await conn.progress.wait()
-        t1 = time.monotonic()
-        got = await conn.recv_until_fin()
-        t2 = time.monotonic()
+        with trio.fail_after(240):  # a stall fails the test instead of hanging the suite
+            conn = await net.connect(str(GW4), port)
+            t0 = time.monotonic()
+            await conn.send_all(up, fin=True)
+            while len(conn.rx) < 32:
+                await conn.progress.wait()
+            t1 = time.monotonic()
+            got = await conn.recv_until_fin()
+            t2 = time.monotonic()
         rates["guest_to_host_MBps"] = size / (t1 - t0) / 1e6
         rates["host_to_guest_MBps"] = size / (t2 - t1) / 1e6
         assert got[:32] == hashlib.sha256(up).digest() == digests[0]
