@@ -133,11 +133,6 @@ async def _user_backend(args: argparse.Namespace, mtu: int) -> UserBackend:
                 family, c.address, c.prefix_len, c.gateway, ", ".join(map(str, c.dns)) or "none",
             )  # fmt: skip
     log.info("user stack: MTU %d, DNS upstreams %s", cfg.mtu, cfg.dns_upstreams or "none")
-    if args.threads:
-        log.warning(
-            "user stack with --threads: host-to-guest TCP has been seen to stall in this mode "
-            "(known issue); without --threads every pair runs on the Trio thread"
-        )
     return UserBackend(cfg, args.queue_pairs)
 
 
