@@ -14,6 +14,8 @@ what address a host peer appears as to the guest.
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 
@@ -119,3 +121,22 @@ def guest_address(cfg: UserConfig, version: int) -> IPAddress | None:
     if version == 4:
         return cfg.v4.address if cfg.v4 is not None else None
     return cfg.v6.address if cfg.v6 is not None else None
+
+
+def listen_points(cfg: UserConfig, proto: str) -> Iterator[tuple[int, str, int, int]]:
+    """Where inbound forwarding of ``proto`` ("udp"/"tcp") listens on the host:
+    (address family, bind address, host port, guest port) for every port of
+    every ``-u``/``-t`` range; without a bind address, any address of each
+    family the guest has."""
+    for fwd in cfg.forwards:
+        if fwd.proto != proto:
+            continue
+        if fwd.bind is not None:
+            family = socket.AF_INET if isinstance(fwd.bind, IPv4Address) else socket.AF_INET6
+            binds = [(family, str(fwd.bind))]
+        else:
+            binds = [(socket.AF_INET, "0.0.0.0")] if cfg.v4 is not None else []
+            binds += [(socket.AF_INET6, "::")] if cfg.v6 is not None else []
+        for port in range(fwd.host_first, fwd.host_last + 1):
+            for family, addr in binds:
+                yield family, addr, port, fwd.guest_first + port - fwd.host_first

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trionet.backends.user import packets as P
-from trionet.backends.user.fwd import Unroutable, guest_view, host_target
+from trionet.backends.user.fwd import Unroutable, guest_view, host_target, listen_points
 from trionet.backends.user.tcp_conn import (
     ACK,
     PEEK_MAX,
@@ -55,7 +55,6 @@ from trionet.backends.user.tcp_conn import (
 )
 
 if TYPE_CHECKING:
-    from trionet.backends.user.config import Forward, UserConfig
     from trionet.backends.user.stack import UserStack
 
 log = logging.getLogger(__name__)
@@ -444,25 +443,20 @@ class TcpFlows:
 
     async def listen(self, nursery: trio.Nursery) -> None:
         """Listen on every ``-t`` port; accepted connections become flows."""
-        for fwd in self.stack.cfg.forwards:
-            if fwd.proto != "tcp":
+        for family, addr, port, guest_port in listen_points(self.stack.cfg, "tcp"):
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((addr, port))
+                sock.listen(LISTEN_BACKLOG)
+            except OSError as exc:
+                sock.close()
+                log.warning("user stack: cannot listen on tcp %s:%d: %s", addr, port, exc)
                 continue
-            for port in range(fwd.host_first, fwd.host_last + 1):
-                guest_port = fwd.guest_first + port - fwd.host_first
-                for family, addr in _bind_addresses(fwd, self.stack.cfg):
-                    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    try:
-                        sock.bind((addr, port))
-                        sock.listen(LISTEN_BACKLOG)
-                    except OSError as exc:
-                        sock.close()
-                        log.warning("user stack: cannot listen on tcp %s:%d: %s", addr, port, exc)
-                        continue
-                    self.listeners.append(sock)
-                    nursery.start_soon(self._accept, sock, guest_port)
+            self.listeners.append(sock)
+            nursery.start_soon(self._accept, sock, guest_port)
 
     async def _accept(self, listener: socket.socket, guest_port: int) -> None:
         while True:
@@ -542,15 +536,3 @@ class TcpFlows:
 
     def counters(self) -> dict[str, int]:
         return {"connections": len(self.flows), **self.stats}
-
-
-def _bind_addresses(fwd: Forward, cfg: UserConfig) -> list[tuple[int, str]]:
-    if fwd.bind is not None:
-        family = socket.AF_INET if isinstance(fwd.bind, IPv4Address) else socket.AF_INET6
-        return [(family, str(fwd.bind))]
-    out: list[tuple[int, str]] = []
-    if cfg.v4 is not None:
-        out.append((socket.AF_INET, "0.0.0.0"))
-    if cfg.v6 is not None:
-        out.append((socket.AF_INET6, "::"))
-    return out

@@ -33,11 +33,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trionet.backends.user import packets as P
-from trionet.backends.user.fwd import Target, Unroutable, guest_view, host_target
+from trionet.backends.user.fwd import Target, Unroutable, guest_view, host_target, listen_points
 from trionet.native import lib
 
 if TYPE_CHECKING:
-    from trionet.backends.user.config import Forward, UserConfig
     from trionet.backends.user.stack import UserStack
 
 log = logging.getLogger(__name__)
@@ -169,22 +168,17 @@ class UdpFlows:
 
     async def listen(self, nursery: trio.Nursery) -> None:
         """Bind every ``-u`` port; each listener's new senders become flows."""
-        for fwd in self.stack.cfg.forwards:
-            if fwd.proto != "udp":
+        for family, addr, port, guest_port in listen_points(self.stack.cfg, "udp"):
+            sock = self._socket(family)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((addr, port))
+            except OSError as exc:
+                sock.close()
+                log.warning("user stack: cannot listen on udp %s:%d: %s", addr, port, exc)
                 continue
-            for port in range(fwd.host_first, fwd.host_last + 1):
-                guest_port = fwd.guest_first + port - fwd.host_first
-                for family, addr in _bind_addresses(fwd, self.stack.cfg):
-                    sock = self._socket(family)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    try:
-                        sock.bind((addr, port))
-                    except OSError as exc:
-                        sock.close()
-                        log.warning("user stack: cannot listen on udp %s:%d: %s", addr, port, exc)
-                        continue
-                    self.listeners.append(sock)
-                    nursery.start_soon(self._listener, sock, guest_port)
+            self.listeners.append(sock)
+            nursery.start_soon(self._listener, sock, guest_port)
 
     async def _listener(self, sock: socket.socket, guest_port: int) -> None:
         while True:
@@ -372,15 +366,3 @@ class UdpFlows:
             "icmp_errors_to_guest": self.icmp_errors,
             **self.fast.counters(),
         }
-
-
-def _bind_addresses(fwd: Forward, cfg: UserConfig) -> list[tuple[int, str]]:
-    if fwd.bind is not None:
-        family = socket.AF_INET if isinstance(fwd.bind, IPv4Address) else socket.AF_INET6
-        return [(family, str(fwd.bind))]
-    out: list[tuple[int, str]] = []
-    if cfg.v4 is not None:
-        out.append((socket.AF_INET, "0.0.0.0"))
-    if cfg.v6 is not None:
-        out.append((socket.AF_INET6, "::"))
-    return out
