@@ -13,6 +13,7 @@
 #include "userio.h"
 #include "worker.h"
 #include "userpair.h"
+#include "usertcp.h"
 
 #define HEADROOM 64               /* room for the largest virtio-net header userio takes */
 #define VNET_F_DATA_VALID 2
@@ -40,12 +41,21 @@ int tn_uout_init(struct tn_uoutq *q, int wake_fd, uint32_t limit)
     return 0;
 }
 
+/* Free one held frame or TCP data entry. */
+static void release(uint8_t *buf, uint32_t len)
+{
+    if (len & TN_UOUT_LAZY)
+        tn_tcp_entry_free((struct tn_tcp_entry *)buf);
+    else
+        free(buf);
+}
+
 /* Free the frames held (the caller holds the mutex). */
 static void clear(struct tn_uoutq *q)
 {
     for (uint32_t i = 0; i < q->n; i++) {
         uint32_t k = (q->head + i) % TN_UOUT_FRAMES;
-        free(q->frames[k]);
+        release(q->frames[k], q->len[k]);
         q->frames[k] = NULL;
     }
     q->n = 0;
@@ -86,15 +96,21 @@ void tn_uout_unwake(struct tn_uoutq *q)
     pthread_mutex_unlock(qlock(q));
 }
 
-/* Copy frame i out, and with pop drop it (the caller holds the mutex). */
+/* Copy frame i out, and with pop drop it (the caller holds the mutex).  A
+ * TCP data entry is peeked into buf; one dropped (stale) copies out as 0. */
 static int copy_out(struct tn_uoutq *q, uint32_t i, uint8_t *buf, uint32_t cap, int pop)
 {
     if (i >= q->n)
         return -1;
     uint32_t k = (q->head + i) % TN_UOUT_FRAMES, len = q->len[k];
-    memcpy(buf, q->frames[k] + HEADROOM, len < cap ? len : cap);
+    if (len & TN_UOUT_LAZY) {
+        int got = tn_tcp_entry_flat((struct tn_tcp_entry *)q->frames[k], buf, cap);
+        len = got < 0 ? 0 : (uint32_t)got;
+    } else {
+        memcpy(buf, q->frames[k] + HEADROOM, len < cap ? len : cap);
+    }
     if (pop) {
-        free(q->frames[k]);
+        release(q->frames[k], q->len[k]);
         q->frames[k] = NULL;
         q->head = (q->head + 1) % TN_UOUT_FRAMES;
         q->n--;
@@ -137,6 +153,22 @@ static int append(struct tn_uoutq *q, uint8_t *buf, uint32_t len)
     return 1;
 }
 
+int tn_uout_put_tcp(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
+                    uint16_t window, uint8_t flags, uint32_t len)
+{
+    if (len == 0 || len > TN_MAX_FRAME)
+        return -EINVAL;
+    struct tn_tcp_entry *e = tn_tcp_entry_new(c, seq, ack, window, flags, len);
+    if (e == NULL)
+        return -ENOMEM;
+    pthread_mutex_lock(qlock(q));
+    int ok = append(q, (uint8_t *)e, TN_UOUT_LAZY | len);
+    pthread_mutex_unlock(qlock(q));
+    if (!ok)
+        tn_tcp_entry_free(e);
+    return ok;
+}
+
 int tn_uout_put(struct tn_uoutq *q, const uint8_t *frame, uint32_t len)
 {
     if (len == 0 || len > TN_MAX_FRAME)
@@ -176,7 +208,7 @@ uint32_t tn_uout_move(struct tn_uoutq *from, struct tn_uoutq *to)
         if (ok)
             moved++;
         else
-            free(buf);
+            release(buf, len);
     }
 }
 
@@ -200,27 +232,34 @@ int tn_uout_drain(struct tn_uoutq *q, struct tn_vq *vq, const struct tn_mem *m, 
             break;
         }
         uint8_t *buf = q->frames[q->head];
-        uint32_t len = q->len[q->head];
-        int rc = 0, drop = hdr_len > HEADROOM || len > TN_MAX_FRAME - hdr_len;
-        if (!drop) {
+        uint32_t len = q->len[q->head], flen = 0;
+        int rc = 0, drop = hdr_len > HEADROOM || (len & ~TN_UOUT_LAZY) > TN_MAX_FRAME - hdr_len;
+        int stale = 0;
+        if (!drop && (len & TN_UOUT_LAZY)) {  /* TCP data: peeked from its socket */
+            rc = tn_tcp_entry_lay((struct tn_tcp_entry *)buf, vq, m, mrg, hdr_len, data_valid, s,
+                                  &flen);
+            stale = rc == 2;
+            one.packets = rc == 1;
+            one.bytes = flen;
+        } else if (!drop) {
             uint8_t *hdr = buf + HEADROOM - hdr_len;
             memset(hdr, 0, hdr_len);
             if (data_valid && hdr_len > 0)
                 hdr[0] = VNET_F_DATA_VALID;
             rc = tn_rx_fill(vq, m, mrg, hdr_len, hdr, hdr_len + len, 1, s, &one);
-            if (rc < 0) {
+        }
+        if (rc < 0) {
+            pthread_mutex_unlock(qlock(q));
+            return rc;
+        }
+        if (!drop && rc == 0) {
+            int pending = tn_vq_pending(vq);
+            /* even every buffer the guest can give would not hold it */
+            drop = pending >= vq->size || (mrg && pending >= 256);
+            if (!drop) {
                 pthread_mutex_unlock(qlock(q));
-                return rc;
-            }
-            if (rc == 0) {
-                int pending = tn_vq_pending(vq);
-                /* even every buffer the guest can give would not hold it */
-                drop = pending >= vq->size || (mrg && pending >= 256);
-                if (!drop) {
-                    pthread_mutex_unlock(qlock(q));
-                    b->ring_full = 1;
-                    break;
-                }
+                b->ring_full = 1;
+                break;
             }
         }
         q->frames[q->head] = NULL;
@@ -229,11 +268,13 @@ int tn_uout_drain(struct tn_uoutq *q, struct tn_vq *vq, const struct tn_mem *m, 
         if (drop)
             q->oversize++;
         pthread_mutex_unlock(qlock(q));
-        free(buf);
+        release(buf, len);
         if (drop) {
             b->drops_no_buffer++;
             continue;
         }
+        if (stale)
+            continue;  /* acknowledged meanwhile, or its connection closed: counted there */
         b->packets += one.packets;
         b->bytes += one.bytes;
         laid++;
@@ -334,7 +375,6 @@ static int run(struct tn_upair_io *io)
     struct tn_vq *tx = io->tx, *rx = io->rx;
     int held = 0;       /* slow is Python's */
     int rx_full = 0;    /* waiting for the driver to add RX buffers */
-    int rx_retried = 0; /* a full ring got its one more round since the last kick */
     uint64_t errors = __atomic_load_n(&io->table->sock_errors, __ATOMIC_RELAXED);
     io->error = 0;
     __atomic_store_n(&io->handed, 0, __ATOMIC_RELEASE);
@@ -364,10 +404,8 @@ static int run(struct tn_upair_io *io)
             int rc = serve_rx(io, &rx_full, &rx_idle);
             if (rc < 0)
                 return fail(io, 1, rc);
-            if (rc > 0) {
+            if (rc > 0)
                 call(io, rx, io->rx_call);
-                rx_retried = 0;
-            }
         }
         uint64_t now = __atomic_load_n(&io->table->sock_errors, __ATOMIC_RELAXED);
         if (now != errors) {  /* some flow's socket has an error for Python to read */
@@ -383,12 +421,13 @@ static int run(struct tn_upair_io *io)
             tn_vq_disable_notify(tx);
             continue;
         }
-        /* a full ring that buffers raced into gets one more round; if that
-         * lays nothing either, only the driver's kick helps */
-        if (rx != NULL && rx_full && tn_vq_enable_notify(rx) && !rx_retried) {
+        /* a full ring that buffers raced into gets another round: the driver
+         * added them before it could see the new avail event, so it will not
+         * kick for them.  (The C core remembers how far the last try looked:
+         * only buffers added since then count as news, so this cannot spin.) */
+        if (rx != NULL && rx_full && tn_vq_enable_notify(rx)) {
             tn_vq_disable_notify(rx);
             rx_full = 0;
-            rx_retried = 1;
             continue;
         }
         struct pollfd pf[6];
@@ -428,7 +467,6 @@ static int run(struct tn_upair_io *io)
             io->stats->kicks++;
         if (rx_full && (rx_kicked || i_rxk < 0)) {  /* kicked, or polled */
             rx_full = 0;
-            rx_retried = 0;
             tn_vq_disable_notify(rx);
         }
     }

@@ -6,14 +6,17 @@
    127.0.0.1 through the gateway 10.0.2.2, its MD5 checked;
 2. inbound ``-t 127.0.0.1/HPORT:8080``: the host fetches a page from busybox
    httpd in the guest, content checked;
+3. iperf3 both ways between the guest and an iperf3 server on the host's
+   127.0.0.1 (the rates are printed, not asserted: tests are not benchmarks).
 
-iperf3 through the stack is measured by ``tools/bench --sections guesttcp``, not
-here: its host-to-guest run can stall today (a known issue of the TCP path).
+Each runs with the pairs on the Trio thread and on worker threads
+(``--threads``, the mode the benchmark uses).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -65,7 +68,8 @@ def _fetch(port: int) -> bytes:
     return b"".join(chunks)
 
 
-async def test_guest_tcp_on_user_backend(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [False, True], ids=["trio", "threads"])
+async def test_guest_tcp_on_user_backend(tmp_path: Path, threads: bool) -> None:
     problems = prerequisite_problems()
     if problems:
         pytest.fail("e2e prerequisites missing: " + "; ".join(problems))
@@ -76,17 +80,23 @@ async def test_guest_tcp_on_user_backend(tmp_path: Path) -> None:
     blob = os.urandom(FILE_MB << 20)
     (web / "blob").write_bytes(blob)
     want_md5 = hashlib.md5(blob).hexdigest()
-    http_port, inbound_port = free_tcp_port(), free_tcp_port()
+    http_port, iperf_port, inbound_port = free_tcp_port(), free_tcp_port(), free_tcp_port()
     http = await trio.lowlevel.open_process(
         [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(web),
          str(http_port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    iperf = await trio.lowlevel.open_process(
+        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
         with trio.fail_after(TEST_TIMEOUT), user_runtime_dir(USER) as rundir:
             await _wait_listening(http_port, http, "the host's HTTP server")
+            await _wait_listening(iperf_port, iperf, "the host's iperf3 server")
             args = user_backend_args(dns_upstream_port=53)
             args += ["-t", f"127.0.0.1/{inbound_port}:{GUEST_HTTP_PORT}"]
+            args += ["--threads"] if threads else []
             sock = rundir / "vhost.sock"
             async with (
                 user_trionet_service(
@@ -126,7 +136,19 @@ async def test_guest_tcp_on_user_backend(tmp_path: Path) -> None:
                     f"{reply[:300]!r}\n{tails()}"
                 )
 
+                # 3. iperf3 both ways (rates printed; correctness is that they complete)
+                for reverse in ("", " -R"):
+                    status, out = await guest.run(
+                        f"iperf3 -c {GATEWAY_V4} -p {iperf_port} -t 3 -J{reverse}", timeout=60
+                    )
+                    assert status == 0, f"iperf3{reverse} failed: {out[-2000:]}\n{tails()}"
+                    end = json.loads(out[out.index("{") :])["end"]
+                    bps = end["sum_received"]["bits_per_second"]
+                    way = "host -> guest" if reverse else "guest -> host"
+                    print(f"iperf3 {way}: {bps / 1e6:.0f} Mbit/s")
+                    assert end["sum_received"]["bytes"] > 0
             assert service.returncode in (0, -15), f"trionet exit status {service.returncode}"
     finally:
-        http.terminate()
-        await http.wait()
+        for proc in (http, iperf):
+            proc.terminate()
+            await proc.wait()

@@ -165,7 +165,7 @@ class GuestConn:
         self.pair = pair
         self.lport, self.raddr, self.rport = lport, raddr, rport
         self.iss = int.from_bytes(os.urandom(4), "big")
-        self.snd_una = self.snd_nxt = self.iss
+        self.snd_una = self.snd_nxt = self.snd_max = self.iss
         self.rcv_nxt = 0
         self.peer_wnd = 0
         self.peer_ws = 0
@@ -210,7 +210,7 @@ class GuestConn:
         self.rcv_nxt = (syn.seq + 1) & MASK
         self._options(syn)
         self._send("SA", self.iss, options=[("MSS", MSS), ("WScale", WSCALE)])
-        self.snd_nxt = (self.iss + 1) & MASK
+        self.snd_nxt = self.snd_max = (self.iss + 1) & MASK
 
     def _options(self, syn: TCP) -> None:
         opts = dict(syn.options)
@@ -227,16 +227,23 @@ class GuestConn:
             self.fin.set()
             self._wake()
             return
+        if "S" in flags and "A" in flags and self.established.is_set():
+            self.ack_needed = True  # a retransmitted SYN-ACK: our ACK was late
+            return
         if "S" in flags and "A" in flags:
             self.rcv_nxt = (t.seq + 1) & MASK
             self._options(t)
-            self.snd_una = self.snd_nxt = t.ack
+            self.snd_una = self.snd_nxt = self.snd_max = t.ack
             self.established.set()
             self.ack_needed = True
             return
         if "A" in flags:
-            if 0 < (t.ack - self.snd_una) & MASK <= (self.snd_nxt - self.snd_una) & MASK:
+            # up to the highest sequence number sent: after a go-back, snd_nxt is
+            # behind what the peer may acknowledge
+            if 0 < (t.ack - self.snd_una) & MASK <= (self.snd_max - self.snd_una) & MASK:
                 self.snd_una = t.ack
+                if (self.snd_nxt - self.snd_una) & MASK > 0x7FFFFFFF:
+                    self.snd_nxt = self.snd_una
                 self._wake()
             if not self.established.is_set() and t.ack == self.snd_nxt:
                 self.established.set()
@@ -280,6 +287,8 @@ class GuestConn:
             if fin and sent == len(data):
                 self._send("FA", (base + sent) & MASK)
                 self.snd_nxt = (base + sent + 1) & MASK
+            if (self.snd_nxt - self.snd_max) & MASK < 0x80000000:
+                self.snd_max = self.snd_nxt
             progress = self.progress
             with trio.move_on_after(RTO) as timer:
                 await progress.wait()

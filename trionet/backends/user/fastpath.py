@@ -351,13 +351,15 @@ class Outbox:
         buf = ffi.new("uint8_t[]", _FRAME_MAX)
         i = 0
         while (n := int(lib.tn_uout_get(self.cdata, i, buf, _FRAME_MAX))) >= 0:
-            yield bytes(ffi.buffer(buf, n))
+            if n:  # 0: a TCP data entry acknowledged meanwhile, not sent
+                yield bytes(ffi.buffer(buf, n))
             i += 1
 
     def popleft(self) -> bytes:
         """Take the oldest frame (``IndexError`` when none waits)."""
         buf = ffi.new("uint8_t[]", _FRAME_MAX)
-        n = int(lib.tn_uout_pop(self.cdata, buf, _FRAME_MAX))
+        while (n := int(lib.tn_uout_pop(self.cdata, buf, _FRAME_MAX))) == 0:
+            pass  # a TCP data entry acknowledged meanwhile
         if n < 0:
             raise IndexError("outbox is empty")
         return bytes(ffi.buffer(buf, n))
@@ -382,6 +384,15 @@ class Outbox:
         """Queue a copy of ``frame`` (Ethernet, no virtio-net header); False
         when the outbox is full."""
         rc = int(lib.tn_uout_put(self.cdata, frame, len(frame)))
+        if rc < 0:
+            raise OSError(-rc, f"outbox: {os.strerror(-rc)}")
+        return rc == 1
+
+    def put_tcp(self, conn: Any, seq: int, ack: int, window: int, flags: int, length: int) -> bool:
+        """Queue a TCP data segment of connection ``conn`` (a ``struct
+        tn_tcpc *``): its ``length`` bytes are peeked from the socket when the
+        frame is laid (``usertcp.h``).  False when the outbox is full."""
+        rc = int(lib.tn_uout_put_tcp(self.cdata, conn, seq, ack, window, flags, length))
         if rc < 0:
             raise OSError(-rc, f"outbox: {os.strerror(-rc)}")
         return rc == 1

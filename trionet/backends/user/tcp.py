@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from trionet._native import ffi, lib
 from trionet.backends.user import packets as P
 from trionet.backends.user.fwd import Unroutable, guest_view, host_target, listen_points
 from trionet.backends.user.tcp_conn import (
     ACK,
-    PEEK_MAX,
     RST,
     SYN,
     Segment,
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SO_PEEK_OFF = 42
 SO_MEMINFO = 55
 SK_MEMINFO_SNDBUF, SK_MEMINFO_WMEM_QUEUED = 3, 5
 MAX_TCP_FLOWS = 8192  # two fds each: the socket and its epoll set
@@ -92,6 +91,16 @@ class Template:
         self.pseudo = P.sum16(self.addrs + struct.pack("!xB", P.IPPROTO_TCP))
         self.ports = struct.pack("!HH", sport, dport)
 
+    def header(self) -> bytes:
+        """The Ethernet, IP and TCP headers of a data segment, for the native
+        side to fill in (``usertcp.h``)."""
+        tcph = self.ports + struct.pack("!IIBBHHH", 0, 0, 5 << 4, 0, 0, 0, 0)
+        if self.v4:
+            iph = struct.pack("!BBHHHBBH", 0x45, 0, 0, 0, 0x4000, 64, P.IPPROTO_TCP, 0)
+        else:
+            iph = struct.pack("!IHBB", 6 << 28, 0, P.IPPROTO_TCP, 64)
+        return self.eth + iph + self.addrs + tcph
+
     def frame(
         self, flags: int, seq: int, ack: int, window: int, payload: bytes, options: bytes
     ) -> bytes:
@@ -115,50 +124,35 @@ class Template:
 
 
 class HostSocket:
-    """A connection's host socket as ``tcp_conn.Host``: peeks at an offset
-    (``SO_PEEK_OFF``, or peek-and-skip where the kernel lacks it), drops
-    acknowledged bytes with ``MSG_TRUNC``, free send space from
+    """A connection's host socket as ``tcp_conn.Host``.  Its receive queue
+    is shared with the native side (``struct tn_tcpc``), which peeks the
+    guest's data from it: how much is there, and dropping what the guest
+    acknowledged, go through the native part too.  Free send space from
     ``SO_MEMINFO`` and ``SIOCOUTQ``."""
 
-    def __init__(self, sock: socket.socket, scratch: memoryview) -> None:
+    def __init__(self, sock: socket.socket, native: Any) -> None:
         self.sock = sock
-        self.scratch = scratch
-        self.pos = 0  # the kernel's peek offset, as we set and moved it
+        self.native = native  # struct tn_tcpc *, released by close_native
         self.outq = 0
+        self.sndbuf = 0
         self.aborted = False
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-            self.peek_off = True
-        except OSError:
-            self.peek_off = False
 
-    def peek(self, offset: int, n: int) -> bytes | None:
-        try:
-            if not self.peek_off:
-                got = self.sock.recv(offset + n, socket.MSG_PEEK)
-                if not got:
-                    return b""
-                return got[offset:] if len(got) > offset else None
-            if offset != self.pos:
-                self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
-                self.pos = offset
-            size = self.sock.recv_into(self.scratch, min(n, len(self.scratch)), socket.MSG_PEEK)
-        except BlockingIOError:
-            return None
-        self.pos += size
-        return bytes(self.scratch[:size])
+    def available(self, offset: int) -> int:
+        n = int(lib.tn_tcpc_avail(self.native, offset))
+        if n < -1:
+            raise OSError(-n, os.strerror(-n))
+        return n
 
     def consume(self, n: int) -> None:
-        left = n
-        while left > 0:
-            try:
-                got = self.sock.recv(left, socket.MSG_TRUNC | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-            if not got:
-                break
-            left -= len(got)
-        self.pos = max(0, self.pos - n)
+        rc = int(lib.tn_tcpc_consume(self.native, n))
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+
+    def close_native(self) -> None:
+        """No native use of the socket after this (before it is closed)."""
+        if self.native != ffi.NULL:
+            lib.tn_tcpc_close(self.native)
+            self.native = ffi.NULL
 
     def send(self, data: bytes) -> int:
         try:
@@ -170,6 +164,7 @@ class HostSocket:
         raw = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36)
         mem: tuple[int, ...] = struct.unpack("9I", raw.ljust(36, b"\0"))
         sndbuf, queued = mem[SK_MEMINFO_SNDBUF], mem[SK_MEMINFO_WMEM_QUEUED]
+        self.sndbuf = sndbuf
         buf = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         self.outq = int.from_bytes(buf, "little", signed=True)
         if queued >= sndbuf:
@@ -181,6 +176,9 @@ class HostSocket:
 
     def queued(self) -> int:
         return self.outq
+
+    def capacity(self) -> int:
+        return self.sndbuf // 2  # the share of the buffer's memory that is payload, roughly
 
     def shutdown_write(self) -> None:
         try:
@@ -196,12 +194,14 @@ class HostSocket:
 
 
 class GuestWire:
-    """A connection's way to the guest: frames into the outbox of its pair."""
+    """A connection's way to the guest: frames into the outbox of its pair;
+    data segments as entries the native side fills from the socket."""
 
-    def __init__(self, stack: UserStack, template: Template, pair: int) -> None:
+    def __init__(self, stack: UserStack, template: Template, pair: int, native: Any) -> None:
         self.stack = stack
         self.template = template
         self.pair = pair
+        self.native = native
         self.rsts = 0
 
     def room(self) -> int:
@@ -215,6 +215,11 @@ class GuestWire:
             self.rsts += 1
         frame = self.template.frame(flags, seq, ack, window, payload, options)
         self.stack.to_guest(frame, self.pair)
+
+    def data(self, flags: int, seq: int, ack: int, window: int, length: int) -> None:
+        box = self.stack.outboxes[self.stack.home(self.pair)]
+        if not box.put_tcp(self.native, seq, ack, window, flags, length):
+            self.stack.drops["rx_outbox_full"] += 1
 
 
 @dataclass(eq=False)
@@ -238,8 +243,8 @@ class TcpFlows:
         self.stack = stack
         self.flows: dict[Key, TcpFlow] = {}
         self.listeners: list[socket.socket] = []
-        self.scratch = memoryview(bytearray(PEEK_MAX))
         self.stats: Counter[str] = Counter()
+        self.no_peek_off = False  # tests: the path of kernels without SO_PEEK_OFF for TCP
 
     # ---- guest segments ----------------------------------------------------------
 
@@ -324,10 +329,17 @@ class TcpFlows:
             raise P.Drop("tcp_no_fds") from None
         cfg = self.stack.cfg
         tmpl = Template(self.stack.guest_dst_mac, cfg.our_mac, gdst, gsrc, gdport, gsport)
-        wire = GuestWire(self.stack, tmpl, self.stack.home(pair))
-        host = HostSocket(sock, self.scratch)
-        mss_limit = min(cfg.mtu - (40 if version == 4 else 60), 0xFFFF)
         iss = int.from_bytes(os.urandom(4), "big")
+        header = tmpl.header()
+        native = lib.tn_tcpc_new(sock.fileno(), header, len(header), (iss + 1) & 0xFFFFFFFF,
+                                 int(self.no_peek_off))  # fmt: skip
+        if native == ffi.NULL:
+            ep.close()
+            sock.close()
+            raise P.Drop("tcp_no_memory")
+        wire = GuestWire(self.stack, tmpl, self.stack.home(pair), native)
+        host = HostSocket(sock, native)
+        mss_limit = min(cfg.mtu - (40 if version == 4 else 60), 0xFFFF)
         conn = TcpConn(host, wire, iss=iss, mss_limit=mss_limit, now=trio.current_time())
         flow = TcpFlow(key, sock, host, wire, conn, target, inbound, ep)
         self.flows[key] = flow
@@ -436,6 +448,7 @@ class TcpFlows:
         if flow.ep.fileno() >= 0:
             trio.lowlevel.notify_closing(flow.ep.fileno())
             flow.ep.close()
+        flow.host.close_native()
         if flow.sock.fileno() >= 0:
             flow.sock.close()
 
@@ -530,9 +543,18 @@ class TcpFlows:
                 "bytes_to_guest": f.conn.bytes_to_guest,
                 "bytes_from_guest": f.conn.bytes_from_guest,
                 "retransmits": f.conn.retransmits,
+                "in_flight": (f.conn.snd_nxt - f.conn.snd_una) & 0xFFFFFFFF,
+                "guest_window": f.conn.snd_wnd,
+                "window_to_guest": f.conn.wnd_sent,
             }
             for f in self.flows.values()
         ]
 
     def counters(self) -> dict[str, int]:
-        return {"connections": len(self.flows), **self.stats}
+        native = ffi.new("struct tn_tcpc_stats *")
+        lib.tn_tcpc_stats_get(native)
+        data = {
+            f"data_{name}": int(getattr(native, name))
+            for name in ("laid", "stale", "trimmed", "short_peeks", "peek_errors")
+        }
+        return {"connections": len(self.flows), **self.stats, **data}

@@ -12,11 +12,14 @@ from the guest (``on_segment``), the host socket being ready (``on_readable``,
   clamped to the MTU; window scaling is offered and used when both sides
   sent the option; SACK and timestamps are neither offered nor used.
 - **Host → guest**: data is never copied into a buffer of ours.  It stays in
-  the socket's receive queue and is peeked at offset ``snd_nxt - snd_una``;
-  what the guest acknowledges is dropped from the queue (``Host.consume``).
-  Retransmission (timeout with exponential backoff, or three duplicate ACKs)
-  rewinds ``snd_nxt`` to ``snd_una`` and peeks again.  Segments are at most
-  the guest's MSS, within its window, and never more than the wire takes.
+  the socket's receive queue; the connection only decides which bytes go
+  (``Wire.data``: sequence number and length, the payload is peeked from the
+  socket at offset ``seq - snd_una`` when the frame is laid into the guest's
+  ring); what the guest acknowledges is dropped from the queue
+  (``Host.consume``).  Retransmission (timeout with exponential backoff, or
+  three duplicate ACKs) rewinds ``snd_nxt`` to ``snd_una`` and sends again.
+  Segments are at most the guest's MSS, within its window, and never more
+  than the wire takes.
 - **Guest → host**: in-order data goes to the socket; only what it accepted
   is acknowledged, and the window advertised is the socket's free space
   (zero below one MSS while data is queued: no silly windows).
@@ -47,8 +50,8 @@ MAX_RETRIES = 7  # retransmissions before the connection is reset (about 2 minut
 DUP_ACKS = 3  # duplicate ACKs that trigger a fast retransmit
 KEEPALIVE_INTERVAL = 30.0  # s of guest silence before a keepalive probe
 IDLE_TIMEOUT = 7200.0  # s without any activity: reset (passt's INACTIVITY_INTERVAL)
-PEEK_MAX = 1 << 16  # bytes peeked from the host socket per read
 BLOCKED_RETRY = 0.01  # s: the wire was full, try again then
+WINDOW_RETRY = 0.02  # s: a zero window we advertised is looked at again this often
 MASK = 0xFFFFFFFF
 
 
@@ -189,9 +192,9 @@ class Host(Protocol):
     """The host socket, as the connection uses it.  Methods may raise
     ``OSError`` (the host peer reset the connection)."""
 
-    def peek(self, offset: int, n: int) -> bytes | None:
-        """Up to ``n`` bytes at ``offset`` in the receive queue without taking
-        them; b"" at end of stream, None when nothing is there yet."""
+    def available(self, offset: int) -> int:
+        """Bytes in the receive queue beyond ``offset``; 0 when none is there
+        yet, -1 when none is and the peer closed (end of stream)."""
 
     def consume(self, n: int) -> None:
         """Drop ``n`` bytes from the head of the receive queue."""
@@ -204,6 +207,9 @@ class Host(Protocol):
 
     def queued(self) -> int:
         """Bytes waiting in the send queue (as of the last ``space``)."""
+
+    def capacity(self) -> int:
+        """Bytes the send queue holds when empty (as of the last ``space``)."""
 
     def shutdown_write(self) -> None: ...
 
@@ -220,6 +226,10 @@ class Wire(Protocol):
     def segment(
         self, flags: int, seq: int, ack: int, window: int, payload: bytes, options: bytes
     ) -> None: ...
+
+    def data(self, flags: int, seq: int, ack: int, window: int, length: int) -> None:
+        """A segment carrying ``length`` bytes of the host stream from ``seq``
+        (taken from the host socket's receive queue, at ``seq - snd_una``)."""
 
 
 # ---- the connection --------------------------------------------------------------------
@@ -250,6 +260,8 @@ class TcpConn:
         self.dupacks = 0
         self.ack_due = False
         self.want_write = False  # waiting for the host socket to take more
+        self.window_retry_at: float | None = None  # our window is zero: look again then
+        self.now = now  # the time of the input being handled
         self.blocked_at: float | None = None  # the wire was full: try again then
         self.probe = False  # the guest's window is zero: probe with one byte
         self.last_guest = self.last_activity = self.keepalive_at = now
@@ -293,11 +305,13 @@ class TcpConn:
 
     def connected(self, now: float) -> None:
         """The host connect() completed: SYN-ACK to the guest."""
+        self.now = now
         self._event(Event.CONNECTED)
         self._send_syn(now)
 
     def open(self, now: float) -> None:
         """Inbound: the host accepted a connection; SYN to the guest."""
+        self.now = now
         self.state = State.SYN_SENT
         self._send_syn(now)
 
@@ -315,6 +329,7 @@ class TcpConn:
     # ---- guest segments ------------------------------------------------------------
 
     def on_segment(self, seg: Segment, now: float) -> None:
+        self.now = now
         if self.closed:
             return
         self.last_guest = self.last_activity = self.keepalive_at = now
@@ -348,6 +363,8 @@ class TcpConn:
             return
         if seg.payload or seg.flags & FIN:
             self._data(seg, now)
+        elif seq_lt(seg.seq, self.rcv_nxt):
+            self._send_ack()  # a keepalive or window probe: answer with our window
         if not self.closed:
             self.push(now)
 
@@ -460,6 +477,7 @@ class TcpConn:
     def push(self, now: float) -> None:
         """Send what the host socket holds, within the guest's window, the MSS
         and the wire's room; the FIN once the host said EOF."""
+        self.now = now
         if self.state not in WE_MAY_SEND and not (
             self.fin_seq is not None and seq_le(self.snd_nxt, self.fin_seq)
         ):
@@ -486,30 +504,30 @@ class TcpConn:
             if room <= 0:
                 self.blocked_at = now
                 break
-            want = min(usable, PEEK_MAX, room * self.mss)
+            want = min(usable, room * self.mss)
             if self.fin_seq is not None:
                 want = min(want, seq_diff(self.fin_seq, self.snd_nxt))
-            data = self.host.peek(inflight, want)
-            if data is None:
+            have = self.host.available(inflight)
+            if have == 0:
                 break
-            if not data:
-                self.fin_seq = self.snd_nxt  # end of stream: everything before is peeked
+            if have < 0:
+                self.fin_seq = self.snd_nxt  # end of stream: everything before was sent
                 continue
-            room -= self._send_data(data)
+            room -= self._send_data(min(have, want))
             sent = True
         if sent and self.rto_at is None:
             self.rto_at = now + self._rto()
 
-    def _send_data(self, data: bytes) -> int:
-        """``data`` in segments of at most one MSS; how many segments."""
+    def _send_data(self, size: int) -> int:
+        """``size`` bytes from ``snd_nxt`` in segments of at most one MSS; how
+        many segments."""
         mss, n = self.mss, 0
         window = self._window()
-        for i in range(0, len(data), mss):
-            chunk = data[i : i + mss]
-            last = i + mss >= len(data)
-            flags = ACK | PSH if last else ACK
-            self.wire.segment(flags, self.snd_nxt, self.rcv_nxt, window, chunk, b"")
-            self.snd_nxt = (self.snd_nxt + len(chunk)) & MASK
+        for off in range(0, size, mss):
+            chunk = min(mss, size - off)
+            flags = ACK | PSH if off + mss >= size else ACK
+            self.wire.data(flags, self.snd_nxt, self.rcv_nxt, window, chunk)
+            self.snd_nxt = (self.snd_nxt + chunk) & MASK
             n += 1
         if seq_lt(self.snd_max, self.snd_nxt):
             self.bytes_to_guest += seq_diff(self.snd_nxt, self.snd_max)
@@ -539,14 +557,21 @@ class TcpConn:
 
     def _window(self) -> int:
         """The window field to send: the socket's free space, scaled; zero
-        below one MSS when data is queued (silly window avoidance)."""
+        while data is queued and less than min(MSS, half the send buffer) is
+        free (RFC 1122 §4.2.3.3, silly window avoidance).  A zero window is
+        looked at again every ``WINDOW_RETRY``: the socket's own wake-up
+        (EPOLLOUT) only comes after a send that found it full."""
         space = min(self._space(), 0xFFFF << self.ws_to_guest)
-        if space < self.mss and self.host.queued():
-            space = 0  # RFC 813 §4: wait until a whole segment fits
+        if space < min(self.mss, self.host.capacity() // 2) and self.host.queued():
+            space = 0
         field = space >> self.ws_to_guest
         self.wnd_sent = field << self.ws_to_guest
         if not field and not self.guest_fin:
             self.want_write = True
+            if self.window_retry_at is None:
+                self.window_retry_at = self.now + WINDOW_RETRY
+        elif field:
+            self.window_retry_at = None
         return field
 
     def _send_ack(self) -> None:
@@ -555,6 +580,7 @@ class TcpConn:
 
     def on_writable(self, now: float) -> None:
         """The host socket takes data again: tell the guest (window update)."""
+        self.now = now
         self.want_write = False
         if self.state in GUEST_MAY_SEND:
             before = self.wnd_sent
@@ -582,14 +608,20 @@ class TcpConn:
             at = min(at, self.rto_at)
         if self.blocked_at is not None:
             at = min(at, self.blocked_at + BLOCKED_RETRY)
+        if self.window_retry_at is not None:
+            at = min(at, self.window_retry_at)
         return at
 
     def on_timer(self, now: float) -> None:
+        self.now = now
         if self.ack_due:
             self._send_ack()
         if self.blocked_at is not None and now >= self.blocked_at + BLOCKED_RETRY:
             self.blocked_at = None
             self.push(now)
+        if self.window_retry_at is not None and now >= self.window_retry_at:
+            self.window_retry_at = None
+            self.on_writable(now)  # sends the window once it opened, else looks again later
         if self.rto_at is not None and now >= self.rto_at:
             self._timeout(now)
         if self.closed:

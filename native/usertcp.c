@@ -1,0 +1,367 @@
+/* TCP data towards the guest, peeked from the socket into the guest's
+ * buffers: see usertcp.h. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "netsum.h"
+#include "virtq.h"
+#include "usertcp.h"
+
+#ifndef SO_PEEK_OFF
+#define SO_PEEK_OFF 42
+#endif
+#ifndef SIOCINQ
+#define SIOCINQ 0x541B            /* FIONREAD */
+#endif
+#define VNET_F_DATA_VALID 2
+#define ETH_LEN 14
+#define V4_LEN 20
+#define V6_LEN 40
+#define TCP_LEN 20
+#define MIN_FRAME 60
+#define VNET_HDR_MAX 64
+#define DISCARD_MAX (1u << 24)    /* the fallback's peek skips at most this (16 MiB) */
+#define MAX_IOV 1024
+
+struct tn_tcpc {
+    pthread_mutex_t lock;
+    int fd;                       /* -1 once closed */
+    uint32_t refs;                /* Python's own, plus one per queued entry */
+    uint32_t una;                 /* sequence number of the receive queue's head */
+    uint32_t pos;                 /* the kernel's peek offset, as set and moved */
+    int peek_off;                 /* SO_PEEK_OFF works on this socket */
+    uint32_t tmpl_len;
+    uint8_t tmpl[TN_TCPC_TMPL_MAX];
+};
+
+struct tn_tcp_entry {
+    struct tn_tcpc *c;
+    uint32_t seq, ack, len;
+    uint16_t window;
+    uint8_t flags;
+};
+
+static struct tn_tcpc_stats stats;
+
+static void count(uint64_t *counter) { __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
+
+void tn_tcpc_stats_get(struct tn_tcpc_stats *out)
+{
+    out->laid = __atomic_load_n(&stats.laid, __ATOMIC_RELAXED);
+    out->stale = __atomic_load_n(&stats.stale, __ATOMIC_RELAXED);
+    out->trimmed = __atomic_load_n(&stats.trimmed, __ATOMIC_RELAXED);
+    out->short_peeks = __atomic_load_n(&stats.short_peeks, __ATOMIC_RELAXED);
+    out->peek_errors = __atomic_load_n(&stats.peek_errors, __ATOMIC_RELAXED);
+}
+
+/* ---- the connection ------------------------------------------------------------ */
+
+struct tn_tcpc *tn_tcpc_new(int fd, const uint8_t *tmpl, uint32_t tmpl_len, uint32_t una,
+                            int no_peek_off)
+{
+    if (tmpl_len != ETH_LEN + V4_LEN + TCP_LEN && tmpl_len != ETH_LEN + V6_LEN + TCP_LEN)
+        return NULL;
+    struct tn_tcpc *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return NULL;
+    pthread_mutex_init(&c->lock, NULL);
+    c->fd = fd;
+    c->refs = 1;
+    c->una = una;
+    c->tmpl_len = tmpl_len;
+    memcpy(c->tmpl, tmpl, tmpl_len);
+    int zero = 0;
+    c->peek_off = !no_peek_off && setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &zero, sizeof(zero)) == 0;
+    return c;
+}
+
+static void unref(struct tn_tcpc *c)
+{
+    if (__atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        pthread_mutex_destroy(&c->lock);
+        free(c);
+    }
+}
+
+void tn_tcpc_close(struct tn_tcpc *c)
+{
+    pthread_mutex_lock(&c->lock);
+    c->fd = -1;
+    pthread_mutex_unlock(&c->lock);
+    unref(c);
+}
+
+int tn_tcpc_peek_off(const struct tn_tcpc *c) { return c->peek_off; }
+
+static uint8_t *discard;
+static pthread_once_t discard_once = PTHREAD_ONCE_INIT;
+
+static void discard_init(void)
+{
+    void *p = mmap(NULL, DISCARD_MAX, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    discard = p == MAP_FAILED ? NULL : p;
+}
+
+/* Where the fallback's skipped bytes go (shared: nobody reads them). */
+static uint8_t *discard_buf(void)
+{
+    pthread_once(&discard_once, discard_init);
+    return discard;
+}
+
+/* Peek into iov (n entries) at offset skip from the queue head (c locked):
+ * bytes peeked, 0 at end of stream, or -errno (-EAGAIN: nothing there). */
+static ssize_t peek_at(struct tn_tcpc *c, uint32_t skip, const struct iovec *iov, uint32_t n)
+{
+    struct msghdr mh;
+    struct iovec v[MAX_IOV + 1];
+    memset(&mh, 0, sizeof(mh));
+    if (n > MAX_IOV)
+        n = MAX_IOV;
+    if (c->peek_off) {
+        if (c->pos != skip) {
+            int off = (int)skip;
+            if (setsockopt(c->fd, SOL_SOCKET, SO_PEEK_OFF, &off, sizeof(off)) < 0)
+                return -errno;
+            c->pos = skip;
+        }
+        memcpy(v, iov, n * sizeof(*iov));
+        mh.msg_iov = v;
+        mh.msg_iovlen = n;
+        ssize_t r = recvmsg(c->fd, &mh, MSG_PEEK | MSG_DONTWAIT);
+        if (r < 0)
+            return -errno;
+        c->pos += (uint32_t)r;
+        return r;
+    }
+    /* no SO_PEEK_OFF: peek from the head, the first skip bytes thrown away */
+    uint8_t *sink = skip > 0 ? discard_buf() : NULL;
+    if (skip > DISCARD_MAX || (skip > 0 && sink == NULL))
+        return -E2BIG;
+    uint32_t k = 0;
+    if (skip > 0)
+        v[k++] = (struct iovec){sink, skip};
+    memcpy(v + k, iov, n * sizeof(*iov));
+    mh.msg_iov = v;
+    mh.msg_iovlen = n + k;
+    ssize_t r = recvmsg(c->fd, &mh, MSG_PEEK | MSG_DONTWAIT);
+    if (r < 0)
+        return -errno;
+    if (r > 0 && (size_t)r <= skip)
+        return -EAGAIN;  /* nothing beyond the offset yet */
+    return r > 0 ? r - (ssize_t)skip : 0;
+}
+
+int64_t tn_tcpc_avail(struct tn_tcpc *c, uint32_t offset)
+{
+    int64_t rc;
+    int inq = 0;
+    pthread_mutex_lock(&c->lock);
+    if (c->fd < 0) {
+        rc = -EBADF;
+    } else if (ioctl(c->fd, SIOCINQ, &inq) < 0) {
+        rc = -errno;
+    } else if ((uint32_t)inq > offset) {
+        rc = (int64_t)((uint32_t)inq - offset);
+    } else {
+        uint8_t one;
+        struct iovec iov = {&one, 1};
+        ssize_t r = peek_at(c, offset, &iov, 1);
+        rc = r > 0 ? 1 : r == 0 ? -1 : r == -EAGAIN ? 0 : r;
+    }
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+int64_t tn_tcpc_consume(struct tn_tcpc *c, uint32_t n)
+{
+    int64_t done = 0;
+    pthread_mutex_lock(&c->lock);
+    if (c->fd < 0) {
+        pthread_mutex_unlock(&c->lock);
+        return -EBADF;
+    }
+    while ((uint32_t)done < n) {
+        ssize_t r = recv(c->fd, NULL, n - (uint32_t)done, MSG_TRUNC | MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            if (done == 0)
+                done = -errno;
+            break;
+        }
+        if (r == 0)
+            break;
+        done += r;
+    }
+    if (done > 0) {
+        c->una += (uint32_t)done;
+        c->pos = c->pos > (uint32_t)done ? c->pos - (uint32_t)done : 0;  /* as the kernel does */
+    }
+    pthread_mutex_unlock(&c->lock);
+    return done;
+}
+
+/* ---- data entries ---------------------------------------------------------------- */
+
+struct tn_tcp_entry *tn_tcp_entry_new(struct tn_tcpc *c, uint32_t seq, uint32_t ack,
+                                      uint16_t window, uint8_t flags, uint32_t len)
+{
+    struct tn_tcp_entry *e = malloc(sizeof(*e));
+    if (e == NULL)
+        return NULL;
+    __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
+    *e = (struct tn_tcp_entry){c, seq, ack, len, window, flags};
+    return e;
+}
+
+void tn_tcp_entry_free(struct tn_tcp_entry *e)
+{
+    unref(e->c);
+    free(e);
+}
+
+/* Where the entry's bytes start now (c locked): 0 and *len narrowed when its
+ * head was acknowledged meanwhile; -1 when all of it was, or c is closed. */
+static int64_t entry_skip(struct tn_tcp_entry *e, uint32_t *seq, uint32_t *len)
+{
+    struct tn_tcpc *c = e->c;
+    int32_t skip = (int32_t)(e->seq - c->una);
+    *seq = e->seq;
+    *len = e->len;
+    if (c->fd < 0)
+        return -1;
+    if (skip < 0) {
+        if ((uint32_t)-skip >= e->len)
+            return -1;
+        *seq -= (uint32_t)skip;  /* skip is negative: seq moves forward */
+        *len -= (uint32_t)-skip;
+        count(&stats.trimmed);
+        skip = 0;
+    }
+    return skip;
+}
+
+/* Fill the headers (hb: tmpl_len bytes, a copy of the template) for len
+ * payload bytes summing to psum. */
+static void headers(const struct tn_tcp_entry *e, uint8_t *hb, uint32_t tl, uint32_t seq,
+                    uint32_t len, uint64_t psum)
+{
+    uint8_t *ip = hb + ETH_LEN, *th;
+    int v6 = tl == ETH_LEN + V6_LEN + TCP_LEN;
+    uint32_t tcplen = TCP_LEN + len;
+    uint64_t acc;
+    if (v6) {
+        ip[4] = (uint8_t)(tcplen >> 8);
+        ip[5] = (uint8_t)tcplen;
+        th = ip + V6_LEN;
+        acc = ns_sum_le(ip + 8, 32, 0);
+    } else {
+        uint32_t tot = V4_LEN + tcplen;
+        ip[2] = (uint8_t)(tot >> 8);
+        ip[3] = (uint8_t)tot;
+        ip[10] = ip[11] = 0;
+        uint16_t ck = (uint16_t)~ns_fold(ns_sum_le(ip, V4_LEN, 0));
+        memcpy(ip + 10, &ck, 2);
+        th = ip + V4_LEN;
+        acc = ns_sum_le(ip + 12, 8, 0);
+    }
+    uint8_t tail[4] = {0, 6, (uint8_t)(tcplen >> 8), (uint8_t)tcplen};
+    acc = ns_sum_le(tail, 4, acc);
+    uint32_t sq = __builtin_bswap32(seq), ak = __builtin_bswap32(e->ack);
+    memcpy(th + 4, &sq, 4);
+    memcpy(th + 8, &ak, 4);
+    th[12] = (TCP_LEN / 4) << 4;
+    th[13] = e->flags;
+    th[14] = (uint8_t)(e->window >> 8);
+    th[15] = (uint8_t)e->window;
+    th[16] = th[17] = th[18] = th[19] = 0;
+    acc = ns_sum_le(th, TCP_LEN, acc) + psum;
+    uint16_t ck = (uint16_t)~ns_fold(acc);
+    memcpy(th + 16, &ck, 2);
+}
+
+int tn_tcp_entry_lay(struct tn_tcp_entry *e, struct tn_vq *vq, const struct tn_mem *m, int mrg,
+                     uint32_t hdr_len, int data_valid, struct tn_scratch *s, uint32_t *flen)
+{
+    struct tn_tcpc *c = e->c;
+    uint32_t tl = c->tmpl_len, niov, seq, len;
+    uint64_t room;
+    if (hdr_len > VNET_HDR_MAX)
+        return 2;
+    uint32_t frame_max = tl + e->len > MIN_FRAME ? tl + e->len : MIN_FRAME;
+    int n = tn_rx_gather(vq, m, mrg, hdr_len + frame_max, s, &niov, &room);
+    if (n <= 0)
+        return n;
+    struct iovec piov[MAX_IOV];
+    pthread_mutex_lock(&c->lock);
+    int64_t skip = entry_skip(e, &seq, &len);
+    ssize_t got = -1;
+    if (skip >= 0) {
+        uint32_t np = ns_iov_window(s->iov, niov, hdr_len + tl, len, piov, MAX_IOV);
+        got = peek_at(c, (uint32_t)skip, piov, np);
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (got <= 0) {
+        tn_vq_rewind(vq, (uint16_t)n);
+        count(skip < 0 ? &stats.stale : &stats.peek_errors);
+        return 2;
+    }
+    if ((uint32_t)got < len) {
+        count(&stats.short_peeks);
+        len = (uint32_t)got;
+    }
+    uint8_t hb[VNET_HDR_MAX + TN_TCPC_TMPL_MAX];
+    memset(hb, 0, hdr_len);
+    if (data_valid && hdr_len > 0)
+        hb[0] = VNET_F_DATA_VALID;
+    if (hdr_len >= 12)
+        hb[10] = 1;  /* num_buffers: tn_rx_finish sets it for merged buffers */
+    memcpy(hb + hdr_len, c->tmpl, tl);
+    uint32_t np = ns_iov_window(s->iov, niov, hdr_len + tl, len, piov, MAX_IOV);
+    headers(e, hb + hdr_len, tl, seq, len, ns_sum_iov(piov, np, len, 0));
+    ns_iov_put(s->iov, niov, 0, hb, hdr_len + tl);
+    uint32_t frame = tl + len;
+    if (frame < MIN_FRAME) {
+        static const uint8_t zeros[MIN_FRAME];
+        ns_iov_put(s->iov, niov, hdr_len + frame, zeros, MIN_FRAME - frame);
+        frame = MIN_FRAME;
+    }
+    tn_rx_finish(vq, n, hdr_len + frame, hdr_len, s, niov);
+    tn_vq_publish(vq);
+    count(&stats.laid);
+    *flen = frame;
+    return 1;
+}
+
+int tn_tcp_entry_flat(struct tn_tcp_entry *e, uint8_t *buf, uint32_t cap)
+{
+    struct tn_tcpc *c = e->c;
+    uint32_t tl = c->tmpl_len, seq, len;
+    if (cap < tl)
+        return -1;
+    pthread_mutex_lock(&c->lock);
+    int64_t skip = entry_skip(e, &seq, &len);
+    ssize_t got = -1;
+    struct iovec iov = {buf + tl, len < cap - tl ? len : cap - tl};
+    if (skip >= 0)
+        got = peek_at(c, (uint32_t)skip, &iov, 1);
+    pthread_mutex_unlock(&c->lock);
+    if (got <= 0) {
+        count(skip < 0 ? &stats.stale : &stats.peek_errors);
+        return -1;
+    }
+    len = (uint32_t)got;
+    memcpy(buf, c->tmpl, tl);
+    headers(e, buf, tl, seq, len, ns_sum_le(buf + tl, len, 0));
+    count(&stats.laid);
+    return (int)(tl + len);
+}

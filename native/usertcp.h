@@ -1,0 +1,84 @@
+/* TCP data towards the guest without a copy of ours (read by cffi as the cdef).
+ *
+ * A connection's bytes from the host peer stay in its socket's receive queue
+ * until the guest acknowledges them.  Python decides what to send (sequence
+ * numbers, lengths, flags, window) and queues a *data entry* in the pair's
+ * outbox (tn_uout_put_tcp): no bytes, only where they are.  The outbox's
+ * consumer (tn_uout_drain, on the pair's Trio task or worker thread) lays the
+ * entry into the RX ring: headers from the connection's template, the payload
+ * peeked (MSG_PEEK at the entry's offset from the queue head, SO_PEEK_OFF)
+ * straight from the socket into the guest's buffers, then the checksums.
+ *
+ * struct tn_tcpc is the connection's native part: the socket fd, the
+ * sequence number of the receive queue's head (una: advanced by
+ * tn_tcpc_consume when the guest acknowledged data), the kernel's peek offset
+ * as last set, and the header template.  A mutex orders the drain's peeks
+ * against Python's consume and close; a reference count keeps it alive while
+ * outbox entries point at it.  tn_tcpc_close (Python's release) stops every
+ * use of the fd before Python closes it; entries still queued are dropped
+ * when drained.  An entry whose bytes were acknowledged meanwhile is dropped
+ * (or trimmed) rather than sent.  Kernels without SO_PEEK_OFF for TCP (before
+ * 6.9) peek from the head into a discard buffer for the skipped part. */
+#pragma once
+#include <stdint.h>
+
+struct tn_uoutq;
+struct tn_tcpc;
+
+#define TN_TCPC_TMPL_MAX 80
+
+struct tn_tcpc_stats {
+    uint64_t laid;          /* data entries laid into a ring (or copied out) */
+    uint64_t stale;         /* entries dropped: acknowledged meanwhile, or connection closed */
+    uint64_t trimmed;       /* entries partly acknowledged meanwhile: the rest was sent */
+    uint64_t short_peeks;   /* fewer bytes in the queue than the entry said: sent shorter */
+    uint64_t peek_errors;   /* the peek failed (the connection was reset): entry dropped */
+};
+
+/* A connection's native part for socket fd (not owned): tmpl is its
+ * Ethernet + IP + TCP header (tmpl_len 54 for IPv4, 74 for IPv6; lengths,
+ * sequence numbers, flags, window and checksums are filled per frame), una
+ * the sequence number of the first byte the socket will deliver.  no_peek_off
+ * forces the path of kernels without SO_PEEK_OFF.  NULL: -ENOMEM or a bad
+ * template. */
+struct tn_tcpc *tn_tcpc_new(int fd, const uint8_t *tmpl, uint32_t tmpl_len, uint32_t una,
+                            int no_peek_off);
+/* Python's release: the fd is never used again once this returns. */
+void tn_tcpc_close(struct tn_tcpc *c);
+/* Bytes in the receive queue beyond offset; 0: none yet; -1: none and the
+ * peer closed (end of stream); -errno on error. */
+int64_t tn_tcpc_avail(struct tn_tcpc *c, uint32_t offset);
+/* Drop n acknowledged bytes from the head of the receive queue (una += n);
+ * returns the bytes dropped or -errno. */
+int64_t tn_tcpc_consume(struct tn_tcpc *c, uint32_t n);
+/* 1 when the kernel's SO_PEEK_OFF is used, 0 when the fallback is. */
+int tn_tcpc_peek_off(const struct tn_tcpc *c);
+/* Counters of every connection's data entries (process-wide). */
+void tn_tcpc_stats_get(struct tn_tcpc_stats *out);
+
+/* Queue a data entry: len bytes (> 0) at sequence number seq of c's stream,
+ * with ack, the window field and flags as given.  1, 0 when the queue is full
+ * (counted in dropped), or -EINVAL. */
+int tn_uout_put_tcp(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
+                    uint16_t window, uint8_t flags, uint32_t len);
+
+/* cdef-skip */
+/* For the outbox (userpair.c): a data entry, flagged in the outbox's len[]. */
+#define TN_UOUT_LAZY 0x80000000u
+struct tn_vq;
+struct tn_mem;
+struct tn_scratch;
+struct tn_tcp_entry;
+/* A data entry holding a reference to c; NULL when out of memory. */
+struct tn_tcp_entry *tn_tcp_entry_new(struct tn_tcpc *c, uint32_t seq, uint32_t ack,
+                                      uint16_t window, uint8_t flags, uint32_t len);
+void tn_tcp_entry_free(struct tn_tcp_entry *e);
+/* Lay the entry into the RX ring and publish it: 1 laid (*flen: the frame's
+ * length), 0 no room (nothing taken), 2 dropped (stale, closed, peek error),
+ * or a negative TN_E_* of the ring. */
+int tn_tcp_entry_lay(struct tn_tcp_entry *e, struct tn_vq *vq, const struct tn_mem *m, int mrg,
+                     uint32_t hdr_len, int data_valid, struct tn_scratch *s, uint32_t *flen);
+/* The entry as a flat frame in buf (cap bytes): its length (which may exceed
+ * cap: then only cap bytes were written), or -1 when dropped. */
+int tn_tcp_entry_flat(struct tn_tcp_entry *e, uint8_t *buf, uint32_t cap);
+/* cdef-end */
