@@ -16,7 +16,7 @@ from trionet.backends.loop import MAX_FRAME, MIN_FRAME, LoopBackend
 from trionet.backends.user import UserBackend
 from trionet.backends.user.config import UserConfigError, add_user_arguments, user_config_from_args
 from trionet.service import logs
-from trionet.service.metrics import MetricsAddress, MetricsSpecError
+from trionet.service.metricsaddr import MetricsAddress, MetricsSpecError
 from trionet.service.server import ConfigError, Service, ServiceConfig, read_status
 from trionet.service.session import HostBackend
 from trionet.service.statusfmt import format_table

@@ -18,7 +18,6 @@ import os
 import socket
 import stat
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from trionet.service.metricsaddr import MetricsAddress
 from trionet.service.server import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUEST_MAX = 16384
 REQUEST_TIMEOUT = 10.0
-DEFAULT_HOST = "127.0.0.1"
 
 # per-pair counters: (metric name without trionet_pair_, status key, help)
 _PAIR_COUNTERS = (
@@ -45,40 +44,6 @@ _PAIR_COUNTERS = (
     ("tx_bytes", "tx_bytes", "bytes taken from the guest's TX ring (virtio-net header excluded)"),
     ("batches", "batches", "batches run by the pair's native worker thread"),
 )
-
-
-class MetricsSpecError(ValueError):
-    """A ``--metrics`` argument that names no address."""
-
-
-@dataclass(frozen=True)
-class MetricsAddress:
-    """Where ``/metrics`` is served: a UNIX socket path, or a TCP host and port."""
-
-    path: Path | None = None
-    host: str = DEFAULT_HOST
-    port: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> MetricsAddress:
-        if text.startswith("unix:"):
-            if not text[5:]:
-                raise MetricsSpecError("unix: needs a path")
-            return cls(path=Path(text[5:]))
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = DEFAULT_HOST, text
-        elif host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise MetricsSpecError(f"{text!r}: expected HOST:PORT, PORT or unix:PATH")
-        return cls(host=host or DEFAULT_HOST, port=int(port))
-
-    def __str__(self) -> str:
-        if self.path is not None:
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
 
 
 class ServiceCollector(Collector):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from trionet.service.lifecycle import Notifier
-from trionet.service.metrics import MetricsAddress, make_registry, serve_metrics
+from trionet.service.metricsaddr import MetricsAddress
 from trionet.service.server import Service
 
 log = logging.getLogger("trionet")
@@ -42,10 +42,17 @@ async def run_service(
 ) -> None:
     notifier = Notifier.from_env(os.environ, opts.ready_fd)
     service.on_change = lambda: notifier.status(service.summary())
+    # What the receiver restores on exit, and where it redelivers signals it
+    # queued but nobody read: a second SIGTERM during the drain must not kill
+    # the exit half-way.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 if opts.metrics is not None:
+                    from trionet.service.metrics import make_registry, serve_metrics
+
                     registry = make_registry(service.status, service.config.vm_id)
                     await nursery.start(serve_metrics, opts.metrics, registry)
 
