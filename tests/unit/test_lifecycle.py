@@ -183,7 +183,7 @@ async def test_status_table_from_the_cli(tmp_path: Path) -> None:
                 capture_output=True,
                 text=True,
                 timeout=60,
-            )  # fmt: skip
+            )
         )
     finally:
         assert proc.stop() == 0
