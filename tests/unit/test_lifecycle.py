@@ -190,3 +190,17 @@ async def test_status_table_from_the_cli(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
     assert first.startswith("vm tbl") and "no VMM" in first and "pairs 0/4" in first
+
+
+def test_metrics_address_in_use_is_a_config_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "trionet", "--backend", "loop", "--socket-path",
+             str(tmp_path / "s"), "--metrics", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert f"--metrics 127.0.0.1:{port}" in out.stderr

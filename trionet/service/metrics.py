@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUEST_MAX = 16384
 REQUEST_TIMEOUT = 10.0
+CONCURRENT_MAX = 8
 
 # per-pair counters: (metric name without trionet_pair_, status key, help)
 _PAIR_COUNTERS = (
@@ -254,10 +255,21 @@ async def serve_metrics(
 async def _accept(
     listener: trio.SocketListener, registry: CollectorRegistry, nursery: trio.Nursery
 ) -> None:
+    # a few scrapes at a time: a client holding connections open (each is
+    # bounded by REQUEST_TIMEOUT) delays the next accept, it cannot pile them up
+    limiter = trio.CapacityLimiter(CONCURRENT_MAX)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await _handle(stream, registry)
+        finally:
+            limiter.release_on_behalf_of(stream)
+
     async with listener:
         while True:
             stream = await listener.accept()
-            nursery.start_soon(_handle, stream, registry)
+            await limiter.acquire_on_behalf_of(stream)
+            nursery.start_soon(handle, stream)
 
 
 def _bound(listener: trio.SocketListener) -> MetricsAddress:
