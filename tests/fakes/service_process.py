@@ -26,7 +26,14 @@ START_TIMEOUT = 20.0
 
 
 class ServiceProcess:
-    def __init__(self, directory: Path, *args: str, queue_pairs: int = 4) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *args: str,
+        queue_pairs: int = 4,
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.socket_path = directory / "vhost.sock"
         self.control_path = directory / "control.sock"
         self.log_path = directory / "trionet.log"
@@ -39,7 +46,13 @@ class ServiceProcess:
             "--control-socket", str(self.control_path),
             *args,
         ]  # fmt: skip
-        self.popen = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.popen = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env} if env is not None else None,
+            pass_fds=pass_fds,
+        )
 
     @property
     def pid(self) -> int:

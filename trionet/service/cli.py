@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +15,12 @@ import trio
 from trionet.backends.loop import MAX_FRAME, MIN_FRAME, LoopBackend
 from trionet.backends.user import UserBackend
 from trionet.backends.user.config import UserConfigError, add_user_arguments, user_config_from_args
+from trionet.service import logs
+from trionet.service.metricsaddr import MetricsAddress, MetricsSpecError
 from trionet.service.server import ConfigError, Service, ServiceConfig, read_status
 from trionet.service.session import HostBackend
+from trionet.service.statusfmt import format_table
+from trionet.service.supervise import DEFAULT_GRACE, RunOptions, run_service
 
 MAX_PAIRS = 16
 USER_MTU = 65520  # as passt: large frames are what make a user-mode guest fast
@@ -28,6 +32,52 @@ def _pairs(text: str) -> int:
     if not 1 <= n <= MAX_PAIRS:
         raise argparse.ArgumentTypeError(f"must be 1..{MAX_PAIRS}")
     return n
+
+
+def _metrics(text: str) -> MetricsAddress:
+    try:
+        return MetricsAddress.parse(text)
+    except MetricsSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _grace(text: str) -> float:
+    g = float(text)
+    if not 0 <= g <= 3600:
+        raise argparse.ArgumentTypeError("must be 0..3600 seconds")
+    return g
+
+
+def _add_operations(p: argparse.ArgumentParser) -> None:
+    ops = p.add_argument_group("operations")
+    ops.add_argument(
+        "--metrics",
+        type=_metrics,
+        metavar="HOST:PORT|unix:PATH",
+        help="serve Prometheus metrics at /metrics (a bare PORT listens on 127.0.0.1)",
+    )
+    ops.add_argument(
+        "--ready-fd",
+        type=int,
+        metavar="N",
+        help="write one line to fd N once the socket listens, then close it "
+        "(sd_notify READY=1 is sent too when NOTIFY_SOCKET is set)",
+    )
+    ops.add_argument(
+        "--grace",
+        type=_grace,
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
+        help="on SIGTERM, time to finish in-flight batches before exiting "
+        f"(default {DEFAULT_GRACE:g})",
+    )
+    ops.add_argument("--log-format", choices=("text", "json"), default="text")
+    ops.add_argument(
+        "--vm-id",
+        metavar="NAME",
+        help="name on every log line, metric (label vm) and status "
+        "(default: the socket file's name without its extension)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve each queue pair on its own native worker thread (uses up to N cores)",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _add_operations(p)
     add_user_arguments(p)
     return p
 
@@ -99,6 +150,7 @@ async def _main(args: argparse.Namespace) -> None:
         state_file=args.state_file,
         mtu=mtu,
         threads=args.threads,
+        vm_id=args.vm_id,
     )
     backend: HostBackend
     if args.backend == "loop":
@@ -111,10 +163,8 @@ async def _main(args: argparse.Namespace) -> None:
         backend = TapBackend(args.tap, args.queue_pairs)
     await backend.open()
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            await Service(config, backend).run()
-            nursery.cancel_scope.cancel()
+        opts = RunOptions(metrics=args.metrics, ready_fd=args.ready_fd, grace=args.grace)
+        await run_service(Service(config, backend), opts)
     finally:
         with trio.CancelScope(shield=True):
             await backend.aclose()
@@ -136,26 +186,24 @@ async def _user_backend(args: argparse.Namespace, mtu: int) -> UserBackend:
     return UserBackend(cfg, args.queue_pairs)
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            logging.getLogger("trionet").info("%s: shutting down", signal.Signals(signum).name)
-            scope.cancel()
-            return
-
-
 def status_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="trionet status", description="print a running trionet's status"
     )
     p.add_argument("--control-socket", type=Path, required=True)
+    p.add_argument(
+        "--format", choices=("json", "table"), default="json", help="JSON (default) or a table"
+    )
     args = p.parse_args(argv)
     try:
         data = read_status(args.control_socket)
     except OSError as exc:
         print(f"trionet status: {args.control_socket}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(data, indent=2, sort_keys=True))
+    if args.format == "table":
+        print(format_table(data))
+    else:
+        print(json.dumps(data, indent=2, sort_keys=True))
     return 0
 
 
@@ -163,10 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["status"]:
         return status_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    if args.print_capabilities:
+    if "--print-capabilities" in argv:  # the convention: every other argument is ignored
         print(json.dumps(capabilities()))
         return 0
+    args = build_parser().parse_args(argv)
     if args.socket_path is None and args.fd is None and args.connect is None:
         print("trionet: one of --socket-path, --fd or --connect is required", file=sys.stderr)
         return 2
@@ -178,11 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s trionet[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("trionet").setLevel(getattr(logging, args.log_level.upper()))
+    if args.vm_id is None:
+        named = args.socket_path or args.connect
+        args.vm_id = named.stem if named is not None else ""
+    if args.ready_fd is not None and not _is_open(args.ready_fd):
+        print(f"trionet: --ready-fd {args.ready_fd} is not an open file", file=sys.stderr)
+        return 2
+    logs.configure(args.log_level, args.log_format, args.vm_id)
     problem: ConfigError | None = None
     try:
         trio.run(_main, args)
@@ -194,6 +244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trionet: {problem}", file=sys.stderr)
         return 2
     return 0
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _first(group: BaseExceptionGroup[ConfigError]) -> ConfigError:

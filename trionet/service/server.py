@@ -45,6 +45,7 @@ class ServiceConfig:
     state_file: Path | None = None
     mtu: int = 1500
     threads: bool = False  # serve each pair's rings on a native worker thread
+    vm_id: str = ""  # --vm-id: in the status, every log line and every metric
 
 
 class Service:
@@ -54,6 +55,10 @@ class Service:
         self.counters = [PairCounters() for _ in range(config.queue_pairs)]
         self.session: Session | None = None
         self.sessions_served = 0
+        self.connections = 0
+        self.rings_broken_before = 0  # by sessions that have ended
+        self.draining = False
+        self.on_change: Callable[[], None] | None = None  # connection or pair count changed
 
     def status(self) -> dict[str, Any]:
         if self.session is not None:
@@ -70,7 +75,35 @@ class Service:
         st["connected"] = self.session is not None
         st["sessions_served"] = self.sessions_served
         st["backend"] = self.backend.name
+        st["vm"] = self.config.vm_id
+        st["vmm_connections"] = self.connections
+        st["rings_broken"] = self.rings_broken_before + (
+            self.session.rings_broken if self.session is not None else 0
+        )
+        st["draining"] = self.draining
         return st
+
+    def summary(self) -> str:
+        """One line for the service manager (sd_notify STATUS=)."""
+        s = self.session
+        if self.draining:
+            return "draining"
+        if s is None:
+            return f"waiting for a VMM, {self.config.queue_pairs} queue pairs offered"
+        return f"VMM connected, {s.active_pairs}/{s.max_pairs} queue pairs active"
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    async def drain(self) -> None:
+        """SIGTERM: take no new connection or work, finish the batches in
+        flight and hand every chain taken back to the guest as used.  The
+        caller bounds this with the grace period, then cancels ``run``."""
+        self.draining = True
+        self._changed()
+        if self.session is not None:
+            await self.session.drain()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -90,6 +123,9 @@ class Service:
     async def _accept(self, listener: trio.socket.SocketType) -> None:
         while True:
             conn, _ = await listener.accept()
+            if self.draining:
+                conn.close()
+                return
             with conn:
                 await self._serve_connection(conn)
 
@@ -120,8 +156,11 @@ class Service:
             counters=self.counters,
             threaded=self.config.threads,
         )
+        session.on_change = self._changed
         self.session = session
+        self.connections += 1
         log.info("VMM connected")
+        self._changed()
         try:
             await session.run()
         except* (OSError, trio.BrokenResourceError, ProtocolError) as group:
@@ -131,6 +170,8 @@ class Service:
         finally:
             self.session = None
             self.sessions_served += 1
+            self.rings_broken_before += session.rings_broken
+            self._changed()
             log.info("session ended; waiting for the next VMM connection")
 
 

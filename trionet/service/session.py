@@ -11,10 +11,12 @@ retires are closed only after ``notify_closing`` woke their waiters.
 from __future__ import annotations
 
 import array
+import contextlib
 import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,6 +109,9 @@ class Session:
         self._enables_pending = False
         self._host_applied = False  # the backend has not been told a count yet
         self.stack = backend.stack if isinstance(backend, UserBackend) else None
+        self.rings_broken = 0
+        self.on_change: Callable[[], None] | None = None  # the active pair count changed
+        self._draining = False
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -305,6 +310,8 @@ class Session:
         log.info("active queue pairs %d -> %d (%s); %d flows re-homed", old, n, cause, moved)
         if self.state is not None:
             self.state.record(active_pairs=n, max_pairs=self.max_pairs)
+        if self.on_change is not None:
+            self.on_change()
         self.reconcile()
 
     async def apply_control(self, outcome: Outcome) -> None:
@@ -342,7 +349,7 @@ class Session:
         )
 
     def reconcile(self, force: bool = False) -> None:
-        if self._nursery is None:
+        if self._nursery is None or self._draining:
             return
         for p, slot in enumerate(self.slots):
             key = self.pair_key(p)
@@ -362,16 +369,30 @@ class Session:
             slot.scope = scope
             self._nursery.start_soon(self._pair_task, p, scope, prev, slot.done)
 
-    async def _stop_pairs(self) -> None:
+    async def drain(self) -> None:
+        """Stop every pair and control task for good: each stops between
+        batches (a batch publishes what it used), worker threads are joined;
+        then the guest is interrupted for whatever it has not been told about.
+        Nothing restarts them (``reconcile`` is off from here on)."""
+        self._draining = True
+        await self._stop_pairs(control=True)
+        for vr in self.proto.vrings:
+            if vr.attached and vr.call_fd is not None and vr.needs_notify():
+                with contextlib.suppress(OSError):
+                    os.write(vr.call_fd, (1).to_bytes(8, "little"))
+        log.info("drained: every chain taken from the guest is back in its used ring")
+
+    async def _stop_pairs(self, control: bool = False) -> None:
         """Stop every pair task (and so its worker thread) and wait until they
         have: the request about to be applied changes memory or fds a worker
         may be using.  ``reconcile`` restarts what should run afterwards."""
-        for slot in self.slots[: self.max_pairs]:
+        slots = self.slots if control else self.slots[: self.max_pairs]
+        for slot in slots:
             if slot.scope is not None:
                 slot.scope.cancel()
                 slot.scope = None
             slot.key = None
-        for slot in self.slots[: self.max_pairs]:
+        for slot in slots:
             await slot.done.wait()
 
     def _attach_pair(self, p: int) -> bool:
@@ -448,6 +469,7 @@ class Session:
         return None if queue_fd is None else int(queue_fd(p))
 
     def ring_broken(self, vr: Vring, exc: RingError) -> None:
+        self.rings_broken += 1
         log.error("%s; the ring is stopped, other rings go on (device NEEDS_RESET)", exc)
         self.proto.mark_broken(vr, str(exc))
         if vr.err_fd is not None:
