@@ -22,6 +22,7 @@ pyroute2 is only used through :mod:`trionet.backends.netlink`, on a worker threa
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 import trio
@@ -59,6 +60,10 @@ VNET_HDR_SIZE = 12
 MAX_READ = VNET_HDR_SIZE + 65536 + 14
 
 IFNAMSIZ = 16
+_TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int); the argument is passed by value
+_TUNSETOWNER = 0x400454CC
+_TUNSETGROUP = 0x400454CE
+_TUNGETIFF = 0x800454D2
 
 TUN_F_CSUM: int = lib.TN_TUN_F_CSUM
 TUN_F_TSO4: int = lib.TN_TUN_F_TSO4
@@ -368,6 +373,40 @@ class TapBackend:
         verb = "attach" if attach else "detach"
         _check(_set_queue(self._fds[pair], attach), f"{verb} tap {self._name} queue {pair}")
         self._attached[pair] = attach
+
+    def release_to(self, uid: int, gid: int) -> None:
+        """Before privileges are dropped (``--user``): a tap this backend created
+        becomes owned by ``uid``/``gid`` and non-persistent, so the kernel deletes
+        it when the last queue fd closes (deleting it over netlink would need the
+        CAP_NET_ADMIN the service no longer has).  A tap someone else created is
+        left as it is: attaching and detaching queues needs no capability."""
+        self._require_open()
+        if not self._created:
+            return
+        fd = self._fds[0]
+        for request, arg, what in (
+            (_TUNSETOWNER, uid, "TUNSETOWNER"),
+            (_TUNSETGROUP, gid, "TUNSETGROUP"),
+            (_TUNSETPERSIST, 0, "TUNSETPERSIST 0"),
+        ):
+            try:
+                fcntl.ioctl(fd, request, arg)
+            except OSError as err:
+                raise TapError(f"{what} on tap {self._name}: {err.strerror}", err.errno) from err
+        self._created = False
+
+    def lost(self) -> str | None:
+        """Why the tap is no longer there (deleted, or moved to another
+        namespace), or None: a queue fd whose device is gone answers EBADFD."""
+        if self._closed or not self._fds:
+            return None
+        try:
+            fcntl.ioctl(self._fds[0], _TUNGETIFF, bytes(40))
+        except OSError as err:
+            if err.errno == errno.EBADFD:
+                return f"tap {self._name} is gone (deleted under trionet)"
+            return f"tap {self._name}: {err.strerror}"
+        return None
 
     def _require_open(self) -> None:
         if self._closed or not self._fds:

@@ -15,6 +15,8 @@ import trio
 from trionet.backends.loop import MAX_FRAME, MIN_FRAME, LoopBackend
 from trionet.backends.user import UserBackend
 from trionet.backends.user.config import UserConfigError, add_user_arguments, user_config_from_args
+from trionet.service.sandbox import SandboxError
+from trionet.service.sandbox_cli import add_sandbox_arguments, sandbox_from_args, sandbox_setup
 from trionet.service.server import ConfigError, Service, ServiceConfig, read_status
 from trionet.service.session import HostBackend
 
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve each queue pair on its own native worker thread (uses up to N cores)",
     )
+    add_sandbox_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_user_arguments(p)
     return p
@@ -90,6 +93,10 @@ def capabilities() -> dict[str, object]:
 
 async def _main(args: argparse.Namespace) -> None:
     mtu = args.mtu or (USER_MTU if args.backend == "user" else OTHER_MTU)
+    try:
+        sandbox = sandbox_from_args(args)
+    except SandboxError as exc:
+        raise ConfigError(str(exc)) from None
     config = ServiceConfig(
         queue_pairs=args.queue_pairs,
         socket_path=args.socket_path,
@@ -110,6 +117,7 @@ async def _main(args: argparse.Namespace) -> None:
 
         backend = TapBackend(args.tap, args.queue_pairs)
     await backend.open()
+    config.after_setup = sandbox_setup(sandbox, config, backend)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)

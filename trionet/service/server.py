@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import trio
 
 from trionet.errors import ProtocolError
 from trionet.service.counters import PairCounters
+from trionet.service.faults import Faults, watch_backend
 from trionet.service.session import HostBackend, Session
 from trionet.service.state import StateFile
 
@@ -45,6 +46,8 @@ class ServiceConfig:
     state_file: Path | None = None
     mtu: int = 1500
     threads: bool = False  # serve each pair's rings on a native worker thread
+    # called once the sockets are bound, before the first connection (the sandbox)
+    after_setup: Callable[[], Awaitable[None]] | None = None
 
 
 class Service:
@@ -54,6 +57,7 @@ class Service:
         self.counters = [PairCounters() for _ in range(config.queue_pairs)]
         self.session: Session | None = None
         self.sessions_served = 0
+        self.faults = Faults()
 
     def status(self) -> dict[str, Any]:
         if self.session is not None:
@@ -70,22 +74,36 @@ class Service:
         st["connected"] = self.session is not None
         st["sessions_served"] = self.sessions_served
         st["backend"] = self.backend.name
+        st["faults"] = self.faults.as_dict()
         return st
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             if self.config.control_socket is not None:
                 await nursery.start(serve_control, self.config.control_socket, self.status)
+            lost = getattr(self.backend, "lost", None)
+            if lost is not None:
+                nursery.start_soon(watch_backend, lost, self.faults)
             if self.config.connect_path is not None:
+                await self._setup_done()
                 task_status.started()
                 await self._dial(self.config.connect_path)
             else:
                 listener = make_listener(self.config)
+                try:
+                    await self._setup_done()
+                except BaseException:
+                    listener.close()
+                    raise
                 task_status.started()
                 log.info("listening for a VMM")
                 with listener:
                     await self._accept(listener)
             nursery.cancel_scope.cancel()
+
+    async def _setup_done(self) -> None:
+        if self.config.after_setup is not None:
+            await self.config.after_setup()
 
     async def _accept(self, listener: trio.socket.SocketType) -> None:
         while True:
@@ -122,16 +140,32 @@ class Service:
         )
         self.session = session
         log.info("VMM connected")
+        if state is not None and session.policy.restore_target is not None:
+            self.faults.restored += 1
         try:
             await session.run()
         except* (OSError, trio.BrokenResourceError, ProtocolError) as group:
             # the session's own tasks (pairs, control queue) leave its nursery
             # as an ExceptionGroup: whatever the VMM did ends this connection only
             log.error("VMM connection failed: %s", "; ".join(map(str, group.exceptions)))
+            session.error = session.error or "failed"
         finally:
             self.session = None
             self.sessions_served += 1
+            self._count_end(session)
             log.info("session ended; waiting for the next VMM connection")
+
+    def _count_end(self, session: Session) -> None:
+        if session.error is not None:
+            self.faults.vmm_errors += 1
+        running = sum(1 for vr in session.proto.vrings if vr.started)
+        if running:
+            self.faults.vmm_lost += 1
+            log.warning(
+                "VMM went away with %d rings running (lost VMMs: %d); serving the next one",
+                running,
+                self.faults.vmm_lost,
+            )
 
 
 def make_listener(config: ServiceConfig) -> trio.socket.SocketType:

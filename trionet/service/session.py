@@ -107,6 +107,7 @@ class Session:
         self._enables_pending = False
         self._host_applied = False  # the backend has not been told a count yet
         self.stack = backend.stack if isinstance(backend, UserBackend) else None
+        self.error: str | None = None  # why the VMM's connection failed, if it did
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -120,6 +121,7 @@ class Session:
                     await self._serve()
                 except OSError as exc:  # the VMM went away mid-conversation (EPIPE, ECONNRESET)
                     log.error("VMM connection failed: %s; closing it", exc)
+                    self.error = str(exc)
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -140,6 +142,7 @@ class Session:
                 data, fds = await self._recv()
             except RemoteProtocolError as exc:
                 log.error("vhost-user: %s; closing the connection", exc)
+                self.error = str(exc)
                 return
             if not data:
                 close_fds(fds)
@@ -149,12 +152,14 @@ class Session:
                 self.decoder.feed(data, fds)
             except ProtocolError as exc:
                 log.error("vhost-user: %s; closing the connection", exc)
+                self.error = str(exc)
                 return
             while True:
                 try:
                     req = self.decoder.next_request()
                 except ProtocolError as exc:
                     log.error("vhost-user: malformed message: %s; closing the connection", exc)
+                    self.error = str(exc)
                     return
                 if req is None:
                     break
@@ -196,6 +201,8 @@ class Session:
             if exc.reply is not None:
                 await self._send(exc.reply)
             self._after_request()
+            if exc.fatal:
+                self.error = str(exc)
             return not exc.fatal
         self._after_request()
         events = self.proto.take_events()
