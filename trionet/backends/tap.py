@@ -197,6 +197,7 @@ class TapBackend:
         self._created = False
         self._supported = 0
         self._offloads = 0
+        self._hdr_size = VNET_HDR_SIZE
         self._closed = False
 
     # ------------------------------------------------------------------ open
@@ -336,6 +337,7 @@ class TapBackend:
         size = header_length(features)
         for pair, fd in enumerate(self._fds):
             _check(_set_vnet_hdr_sz(fd, size), f"TUNSETVNETHDRSZ {size} on queue {pair}")
+        self._hdr_size = size
         self.set_offloads(tun_offloads_for_features(features))
 
     def set_offloads(self, tun_flags: int) -> None:
@@ -407,6 +409,34 @@ class TapBackend:
                 return f"tap {self._name} is gone (deleted under trionet)"
             return f"tap {self._name}: {err.strerror}"
         return None
+
+    def reopen(self) -> list[int] | None:
+        """After ``lost()``: attach to a tap of the same name again (one someone
+        re-created, e.g. ``ip tuntap add ... multi_queue vnet_hdr user NAME``),
+        with the header size, offloads and attached queues the old one had.
+
+        The new queue fds replace the old ones, which are returned: the caller
+        closes them once no pair task uses them any more.  None when it cannot
+        be done (yet): no such tap, or not one this process may attach to."""
+        if self._closed or not self._fds:
+            return None
+        new: list[int] = []
+        try:
+            for pair in range(self._queue_pairs):
+                what = f"tap {self._name} queue {pair}"
+                fd = _check(_tap_open(self._name), f"open {what}")
+                new.append(fd)
+                _check(_set_vnet_hdr_sz(fd, self._hdr_size), f"TUNSETVNETHDRSZ on {what}")
+                _check(_set_offload(fd, self._offloads), f"TUNSETOFFLOAD on {what}")
+            for pair in range(self._queue_pairs - 1, -1, -1):  # detach top down
+                if not self._attached[pair]:
+                    _check(_set_queue(new[pair], False), f"detach tap {self._name} queue {pair}")
+        except TapError:
+            for fd in new:
+                os.close(fd)
+            return None
+        old, self._fds = self._fds, new
+        return old
 
     def _require_open(self) -> None:
         if self._closed or not self._fds:

@@ -16,13 +16,13 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 
 from trionet.errors import ProtocolError
 from trionet.service.counters import PairCounters
-from trionet.service.faults import Faults, watch_backend
+from trionet.service.faults import Faults, Recoverable, watch_backend
 from trionet.service.session import HostBackend, Session
 from trionet.service.state import StateFile
 
@@ -81,9 +81,9 @@ class Service:
         async with trio.open_nursery() as nursery:
             if self.config.control_socket is not None:
                 await nursery.start(serve_control, self.config.control_socket, self.status)
-            lost = getattr(self.backend, "lost", None)
-            if lost is not None:
-                nursery.start_soon(watch_backend, lost, self.faults)
+            if hasattr(self.backend, "lost") and hasattr(self.backend, "reopen"):
+                tap = cast(Recoverable, self.backend)
+                nursery.start_soon(watch_backend, tap, self.faults, self._swap_fds)
             if self.config.connect_path is not None:
                 await self._setup_done()
                 task_status.started()
@@ -154,6 +154,19 @@ class Service:
             self.sessions_served += 1
             self._count_end(session)
             log.info("session ended; waiting for the next VMM connection")
+
+    async def _swap_fds(self, old: list[int]) -> None:
+        """The backend has new host fds (a tap re-created): restart the pairs on
+        them, and close the old ones once no pair task uses them."""
+        session = self.session
+        if session is not None:
+            done = [slot.done for slot in session.slots]
+            session.reconcile(force=True)
+            for event in done:
+                await event.wait()
+        for fd in old:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
 
     def _count_end(self, session: Session) -> None:
         if session.error is not None:
