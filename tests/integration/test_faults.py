@@ -9,6 +9,8 @@ mid-traffic, the tap deleted under a running trionet.  Each is counted under
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 import trio
 from scapy.layers.l2 import ARP, Ether
 
+from tests.e2e.guest import REPO
 from tests.fakes.driver import GuestRam
 from tests.fakes.frontend import DRIVER_FEATURES, Frontend
 from tests.fakes.service_process import ServiceProcess
@@ -97,15 +100,32 @@ async def test_vmm_connect_disconnect_cycles_leave_fds_and_rss_flat(tmp_path: Pa
 
 
 async def test_vmm_killed_mid_traffic_is_counted_and_the_next_served(tmp_path: Path) -> None:
+    """A VMM process SIGKILLed while frames flow: counted, logged, and the next
+    VMM (three times over) is served, with traffic."""
     proc = ServiceProcess(tmp_path, queue_pairs=1)
     ram = GuestRam(4 << 20)
     try:
         await proc.started()
-        for n in range(1, 4):
-            await one_vmm(proc, ram, traffic=True)
-            st = await wait_served(proc, n)
-            assert st["faults"]["vmm_lost"] == n  # type: ignore[index]
-        assert proc.log().count("VMM went away with 2 rings running") == 3
+        for k in range(3):
+            argv = [sys.executable, "-m", "tests.fakes.vmm_child", str(proc.socket_path)]
+            vmm = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, cwd=REPO)
+            try:
+                assert vmm.stdout is not None
+                with trio.fail_after(20):
+                    assert (await vmm.stdout.receive_some(100)).startswith(b"flowing")
+                    before = read_status(proc.control_path)["pairs"][0]["tx_packets"]
+                    while read_status(proc.control_path)["pairs"][0]["tx_packets"] < before + 50:
+                        await trio.sleep(0.01)  # frames are flowing right now
+            finally:
+                vmm.kill()  # SIGKILL, by pid
+                await vmm.wait()
+                await vmm.stdout.aclose()  # type: ignore[union-attr]
+            st = await wait_served(proc, 2 * k + 1)
+            assert st["faults"]["vmm_lost"] == 2 * k + 1  # type: ignore[index]
+            assert st["faults"]["vmm_errors"] == 0  # type: ignore[index]
+            await one_vmm(proc, ram, traffic=True)  # the next VMM gets traffic through
+            await wait_served(proc, 2 * k + 2)
+        assert proc.log().count("VMM went away with 2 rings running") == 6
         await proc.serves_next_connection(ram)
     finally:
         ram.close()
