@@ -235,3 +235,32 @@ def test_user_stack_tests_pass_in_the_sandbox() -> None:
     out = res.stdout.decode(errors="replace")
     assert res.returncode == 0, out[-4000:]
     assert "sandbox: running as uid 0, no capabilities" in out, out[-4000:]
+
+
+# ---- the state file, written as the dropped user --------------------------------------
+
+
+@root_test
+async def test_state_file_written_after_the_drop(tmp_path: Path) -> None:
+    """The state file's directory must be writable by --user (a private one
+    here); one that is not gets a warning at start."""
+    from tests.e2e.hostnet import user_runtime_dir
+
+    uid = nobody_uid()
+    with user_runtime_dir(NOBODY) as state_dir:
+        state = state_dir / "vm.json"
+        args = ["--backend", "loop", "--user", NOBODY, "--state-file", str(state)]
+        async with trionet_process(tmp_path, *args) as (proc, ctl, log):
+            features = DRIVER_FEATURES & ~F.bit(F.CTRL_VQ)
+            async with guest_on(tmp_path / "vhost.sock", ctl, features):
+                with trio.fail_after(10):
+                    while not state.exists():
+                        await trio.sleep(0.05)
+                assert json.loads(state.read_text())["active_pairs"] == 1
+                assert state.stat().st_uid == uid
+                assert_sandboxed(proc.pid, uid)
+            assert "not writable" not in log.read_text()
+    (tmp_path / "b").mkdir()
+    args = ["--backend", "loop", "--user", NOBODY, "--state-file", str(tmp_path / "vm.json")]
+    async with trionet_process(tmp_path / "b", *args) as (proc, ctl, log):
+        assert "is not writable by uid" in log.read_text()
