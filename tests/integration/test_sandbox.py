@@ -186,19 +186,25 @@ async def test_user_backend_sandboxed_with_traffic(tmp_path: Path, threads: bool
 
 
 @root_test
-@pytest.mark.parametrize("threads", [False, True], ids=["trio", "threads"])
-async def test_tap_backend_sandboxed_with_traffic(tmp_path: Path, threads: bool) -> None:
+@pytest.mark.parametrize(
+    ("threads", "user"),
+    [(False, NOBODY), (True, NOBODY), (False, None)],
+    ids=["trio", "threads", "root"],
+)
+async def test_tap_backend_sandboxed_with_traffic(
+    tmp_path: Path, threads: bool, user: str | None
+) -> None:
     from tests.netns import netns
 
     tap = unique_ifname("tns")
     features = DRIVER_FEATURES & ~F.mask(F.CTRL_VQ)
     async with netns() as ns:
-        args = ["--backend", "tap", "--tap", tap, "--user", NOBODY]
+        args = ["--backend", "tap", "--tap", tap, *(["--user", user] if user else [])]
         args += ["--threads"] if threads else []
         async with trionet_process(tmp_path, *args, netns=ns, pairs=2) as (proc, ctl, log):
             await ns_run(ns, "ip", "addr", "add", "10.97.0.1/24", "dev", tap)
             link = (await ns_run(ns, "ip", "-d", "link", "show", tap)).stdout.decode()
-            assert f"user {NOBODY}" in link, link  # created by trionet: handed over
+            assert f"user {user or 'root'}" in link, link  # created by trionet: handed over
             async with guest_on(tmp_path / "vhost.sock", ctl, features, pairs=2) as g:
                 # cold boot on 1 of 2 pairs: queue 1 was detached (TUNSETQUEUE)
                 # after the privileges went
@@ -211,7 +217,7 @@ async def test_tap_backend_sandboxed_with_traffic(tmp_path: Path, threads: bool)
                         frame = Ether(await g.recv(0))
                         if ARP in frame and frame[ARP].op == 2:
                             break
-                assert_sandboxed(proc.pid, nobody_uid())
+                assert_sandboxed(proc.pid, nobody_uid() if user else 0)
             st = read_status(ctl)
             assert st["pairs"][0]["tx_packets"] >= 10 and st["pairs"][0]["rx_packets"] >= 10
             assert "TUNSETQUEUE" not in log.read_text()

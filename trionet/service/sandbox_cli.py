@@ -22,8 +22,8 @@ permitted, inheritable, ambient and, as root, bounding), sets no_new_privs and
 installs a seccomp allow-list of the syscalls it uses from then on (anything
 else fails with EPERM). Started as root with --user, it first switches to that
 user and group (supplementary groups: just that group); the sockets it bound
-are handed to that user, a tap it created becomes owned by that user and is
-deleted by the kernel when trionet exits. The --state-file directory must be
+are handed to that user. A tap trionet created becomes owned by the user it
+runs as and is deleted by the kernel when trionet exits. The --state-file directory must be
 writable by that user."""
 
 
@@ -60,10 +60,12 @@ def sandbox_setup(
     async def setup() -> None:
         who = sandbox.identity
         try:
+            release = getattr(backend, "release_to", None)
+            if sandbox.cfg.enabled and release is not None:
+                # a tap trionet created must go when it exits: deleting it then
+                # would need the CAP_NET_ADMIN about to be dropped
+                release(*((who.uid, who.gid) if who else (os.geteuid(), os.getegid())))
             if who is not None:
-                release = getattr(backend, "release_to", None)
-                if release is not None:
-                    release(who.uid, who.gid)
                 for path in (config.socket_path, config.control_socket):
                     if path is not None:
                         os.chown(path, who.uid, who.gid)
