@@ -23,8 +23,8 @@ installs a seccomp allow-list of the syscalls it uses from then on (anything
 else fails with EPERM). Started as root with --user, it first switches to that
 user and group (supplementary groups: just that group); the sockets it bound
 are handed to that user. A tap trionet created becomes owned by the user it
-runs as and is deleted by the kernel when trionet exits. The --state-file directory must be
-writable by that user."""
+runs as and is deleted by the kernel when trionet exits. The --state-file
+directory must be writable by that user, and a --connect socket reachable."""
 
 
 def add_sandbox_arguments(p: argparse.ArgumentParser) -> None:
