@@ -153,6 +153,7 @@ static int run_tap(struct tn_pair_io *io)
 {
     struct tn_batch b;
     int tx_blocked = 0, rx_full = 0;
+    int tap_gone = 0; /* the tap was deleted: its queue fd only says EBADFD (and POLLERR) */
     if (io->tx != NULL)
         tn_vq_disable_notify(io->tx);
     if (io->rx != NULL)
@@ -171,7 +172,7 @@ static int run_tap(struct tn_pair_io *io)
             tx_blocked = b.fd_blocked;
             tx_idle = b.fd_blocked || (b.ring_empty && !tn_vq_spin(io->tx, io->spin_ns));
         }
-        if (io->rx != NULL && !rx_full) {
+        if (io->rx != NULL && !rx_full && !tap_gone) {
             int rc = tn_rx_from_fd(io->rx, io->mem, io->tap_fd, io->mrg, io->hdr_len, io->need,
                                    io->batch, io->scratch, &b, io->filter);
             io->stats->batches++;
@@ -182,6 +183,8 @@ static int run_tap(struct tn_pair_io *io)
                 call(io, io->rx, io->rx_call);
             rx_full = b.ring_full;
             rx_idle = b.ring_full || b.fd_blocked;
+            if (b.drops_io && b.last_errno == EBADFD)
+                tap_gone = 1; /* stop reading it rather than spin on POLLERR */
         }
         if (!tx_idle || !rx_idle)
             continue;
@@ -206,7 +209,8 @@ static int run_tap(struct tn_pair_io *io)
             i_rxk = n;
             pf[n++] = (struct pollfd){io->rx_kick, POLLIN, 0};
         }
-        short tap_ev = (short)((io->rx != NULL && !rx_full ? POLLIN : 0) | (tx_blocked ? POLLOUT : 0));
+        short tap_ev = (short)((io->rx != NULL && !rx_full && !tap_gone ? POLLIN : 0) |
+                               (tx_blocked ? POLLOUT : 0));
         if (tap_ev) {
             i_tap = n;
             pf[n++] = (struct pollfd){io->tap_fd, tap_ev, 0};

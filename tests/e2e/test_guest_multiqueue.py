@@ -685,6 +685,7 @@ async def restart_scenario(tmp_path: Path) -> list[dict[str, Any]]:
                         assert saved["active_pairs"] == PAIRS, saved
                         st = await status(ctl)
                         assert st["active_pairs"] == PAIRS
+                        assert st["faults"]["restored"] >= 1, st["faults"]  # counted
                         assert "restart, restoring 4 active pairs" in second.stderr()
                         assert second.returncode is None
                         changes: list[dict[str, Any]] = st["active_changes"]

@@ -27,6 +27,7 @@ from tests.e2e.guest import (
     prerequisite_problems,
 )
 from tests.e2e.hostnet import Trionet, network_namespace, sh, trionet_service, wait_for_link
+from tests.integration.test_sandbox import assert_sandboxed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -123,6 +124,7 @@ async def test_guest_traffic_through_trionet(tmp_path: Path) -> None:
                     await transfer_host_to_guest(guest, ns, tmp_path)
                     await transfer_guest_to_host(guest, ns, tmp_path)
                     assert service.returncode is None, "trionet exited while serving the guest"
+                    assert_sandboxed(service.pid, uid=None)  # root, but no capabilities
             assert service.returncode in (0, -15), f"trionet exit status {service.returncode}"
     finally:
         if service is not None:

@@ -73,6 +73,7 @@ from tests.e2e.usernet import (
     user_backend_args,
     wait_slaac_address,
 )
+from tests.integration.test_sandbox import assert_sandboxed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -381,4 +382,5 @@ async def test_guest_on_user_backend(tmp_path: Path) -> None:
                     await check_multiqueue(run)
                 async with step(run, f"UDP echo via {GATEWAY_V6} (host ::1)"):
                     await check_udp_echo(run, GATEWAY_V6, run.echo.received + 1)
+                assert_sandboxed(service.pid, uid=user_ids(USER)[0])  # after all that traffic
         assert service.returncode in (0, -15), f"trionet exit status {service.returncode}"

@@ -19,6 +19,7 @@ import trio
 
 from tests.fakes.driver import GuestRam
 from tests.fakes.frontend import DRIVER_FEATURES, Frontend
+from tests.fakes.sandboxed import sandbox_for_tests
 from trionet.backends.user import UserBackend
 from trionet.backends.user.config import UserConfig, V4Config, V6Config
 from trionet.net import features as F
@@ -127,7 +128,11 @@ async def user_guest(
     """A trionet service on the user backend with ``pairs`` pairs set up and
     active, served on the Trio thread or (``threads``) by worker threads."""
     config = ServiceConfig(
-        queue_pairs=pairs, socket_path=tmp_path / "vhost.sock", mtu=cfg.mtu, threads=threads
+        queue_pairs=pairs,
+        socket_path=tmp_path / "vhost.sock",
+        mtu=cfg.mtu,
+        threads=threads,
+        after_setup=sandbox_for_tests(),
     )
     backend = UserBackend(cfg, pairs)
     service = Service(config, backend)

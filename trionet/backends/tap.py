@@ -22,6 +22,7 @@ pyroute2 is only used through :mod:`trionet.backends.netlink`, on a worker threa
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 import trio
@@ -59,6 +60,10 @@ VNET_HDR_SIZE = 12
 MAX_READ = VNET_HDR_SIZE + 65536 + 14
 
 IFNAMSIZ = 16
+_TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int); the argument is passed by value
+_TUNSETOWNER = 0x400454CC
+_TUNSETGROUP = 0x400454CE
+_TUNGETIFF = 0x800454D2
 
 TUN_F_CSUM: int = lib.TN_TUN_F_CSUM
 TUN_F_TSO4: int = lib.TN_TUN_F_TSO4
@@ -192,6 +197,7 @@ class TapBackend:
         self._created = False
         self._supported = 0
         self._offloads = 0
+        self._hdr_size = VNET_HDR_SIZE
         self._closed = False
 
     # ------------------------------------------------------------------ open
@@ -331,6 +337,7 @@ class TapBackend:
         size = header_length(features)
         for pair, fd in enumerate(self._fds):
             _check(_set_vnet_hdr_sz(fd, size), f"TUNSETVNETHDRSZ {size} on queue {pair}")
+        self._hdr_size = size
         self.set_offloads(tun_offloads_for_features(features))
 
     def set_offloads(self, tun_flags: int) -> None:
@@ -368,6 +375,68 @@ class TapBackend:
         verb = "attach" if attach else "detach"
         _check(_set_queue(self._fds[pair], attach), f"{verb} tap {self._name} queue {pair}")
         self._attached[pair] = attach
+
+    def release_to(self, uid: int, gid: int) -> None:
+        """Before privileges are dropped (``--user``): a tap this backend created
+        becomes owned by ``uid``/``gid`` and non-persistent, so the kernel deletes
+        it when the last queue fd closes (deleting it over netlink would need the
+        CAP_NET_ADMIN the service no longer has).  A tap someone else created is
+        left as it is: attaching and detaching queues needs no capability."""
+        self._require_open()
+        if not self._created:
+            return
+        fd = self._fds[0]
+        for request, arg, what in (
+            (_TUNSETOWNER, uid, "TUNSETOWNER"),
+            (_TUNSETGROUP, gid, "TUNSETGROUP"),
+            (_TUNSETPERSIST, 0, "TUNSETPERSIST 0"),
+        ):
+            try:
+                fcntl.ioctl(fd, request, arg)
+            except OSError as err:
+                raise TapError(f"{what} on tap {self._name}: {err.strerror}", err.errno) from err
+        self._created = False
+
+    def lost(self) -> str | None:
+        """Why the tap is no longer there (deleted, or moved to another
+        namespace), or None: a queue fd whose device is gone answers EBADFD."""
+        if self._closed or not self._fds:
+            return None
+        try:
+            fcntl.ioctl(self._fds[0], _TUNGETIFF, bytes(40))
+        except OSError as err:
+            if err.errno == errno.EBADFD:
+                return f"tap {self._name} is gone (deleted under trionet)"
+            return f"tap {self._name}: {err.strerror}"
+        return None
+
+    def reopen(self) -> list[int] | None:
+        """After ``lost()``: attach to a tap of the same name again (one someone
+        re-created, e.g. ``ip tuntap add ... multi_queue vnet_hdr user NAME``),
+        with the header size, offloads and attached queues the old one had.
+
+        The new queue fds replace the old ones, which are returned: the caller
+        closes them once no pair task uses them any more.  None when it cannot
+        be done (yet): no such tap, or not one this process may attach to."""
+        if self._closed or not self._fds:
+            return None
+        new: list[int] = []
+        try:
+            for pair in range(self._queue_pairs):
+                what = f"tap {self._name} queue {pair}"
+                fd = _check(_tap_open(self._name), f"open {what}")
+                new.append(fd)
+                _check(_set_vnet_hdr_sz(fd, self._hdr_size), f"TUNSETVNETHDRSZ on {what}")
+                _check(_set_offload(fd, self._offloads), f"TUNSETOFFLOAD on {what}")
+            for pair in range(self._queue_pairs - 1, -1, -1):  # detach top down
+                if not self._attached[pair]:
+                    _check(_set_queue(new[pair], False), f"detach tap {self._name} queue {pair}")
+        except TapError:
+            for fd in new:
+                os.close(fd)
+            return None
+        old, self._fds = self._fds, new
+        return old
 
     def _require_open(self) -> None:
         if self._closed or not self._fds:

@@ -17,6 +17,8 @@ from trionet.backends.user import UserBackend
 from trionet.backends.user.config import UserConfigError, add_user_arguments, user_config_from_args
 from trionet.service import logs
 from trionet.service.metricsaddr import MetricsAddress, MetricsSpecError
+from trionet.service.sandbox import SandboxError
+from trionet.service.sandbox_cli import add_sandbox_arguments, sandbox_from_args, sandbox_setup
 from trionet.service.server import ConfigError, Service, ServiceConfig, read_status
 from trionet.service.session import HostBackend
 from trionet.service.statusfmt import format_table
@@ -129,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve each queue pair on its own native worker thread (uses up to N cores)",
     )
+    add_sandbox_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     _add_operations(p)
     add_user_arguments(p)
@@ -141,6 +144,10 @@ def capabilities() -> dict[str, object]:
 
 async def _main(args: argparse.Namespace) -> None:
     mtu = args.mtu or (USER_MTU if args.backend == "user" else OTHER_MTU)
+    try:
+        sandbox = sandbox_from_args(args)
+    except SandboxError as exc:
+        raise ConfigError(str(exc)) from None
     config = ServiceConfig(
         queue_pairs=args.queue_pairs,
         socket_path=args.socket_path,
@@ -162,6 +169,7 @@ async def _main(args: argparse.Namespace) -> None:
 
         backend = TapBackend(args.tap, args.queue_pairs)
     await backend.open()
+    config.after_setup = sandbox_setup(sandbox, config, backend)
     try:
         opts = RunOptions(metrics=args.metrics, ready_fd=args.ready_fd, grace=args.grace)
         await run_service(Service(config, backend), opts)

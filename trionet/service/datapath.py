@@ -8,6 +8,7 @@ cancelling the pair's scope stops it at a point where the ring is consistent.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -247,6 +248,11 @@ async def tap_rx(ctx: PairContext, fd: int) -> None:
             await wait_rx_room(ctx, vr)
             continue
         if b.fd_blocked:
+            if b.drops_io and b.last_errno == errno.EBADFD:
+                # the tap was deleted under us: the fd stays readable (POLLERR)
+                # forever; the service's backend watch reports it
+                log.error("pair %d: tap read: %s; receive stopped", ctx.index, "tap gone")
+                await trio.sleep_forever()
             if b.drops_io:
                 log.warning("pair %d: tap read: %s", ctx.index, os.strerror(b.last_errno))
                 await trio.sleep(0.1)

@@ -13,15 +13,16 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 
 from trionet.errors import ProtocolError
 from trionet.service.counters import PairCounters
+from trionet.service.faults import Faults, Recoverable, watch_backend
 from trionet.service.session import HostBackend, Session
 from trionet.service.state import StateFile
 
@@ -46,6 +47,8 @@ class ServiceConfig:
     mtu: int = 1500
     threads: bool = False  # serve each pair's rings on a native worker thread
     vm_id: str = ""  # --vm-id: in the status, every log line and every metric
+    # called once the sockets are bound, before the first connection (the sandbox)
+    after_setup: Callable[[], Awaitable[None]] | None = None
 
 
 class Service:
@@ -59,6 +62,7 @@ class Service:
         self.rings_broken_before = 0  # by sessions that have ended
         self.draining = False
         self.on_change: Callable[[], None] | None = None  # connection or pair count changed
+        self.faults = Faults()
 
     def status(self) -> dict[str, Any]:
         if self.session is not None:
@@ -81,6 +85,7 @@ class Service:
             self.session.rings_broken if self.session is not None else 0
         )
         st["draining"] = self.draining
+        st["faults"] = self.faults.as_dict()
         return st
 
     def summary(self) -> str:
@@ -109,16 +114,29 @@ class Service:
         async with trio.open_nursery() as nursery:
             if self.config.control_socket is not None:
                 await nursery.start(serve_control, self.config.control_socket, self.status)
+            if hasattr(self.backend, "lost") and hasattr(self.backend, "reopen"):
+                tap = cast(Recoverable, self.backend)
+                nursery.start_soon(watch_backend, tap, self.faults, self._swap_fds)
             if self.config.connect_path is not None:
+                await self._setup_done()
                 task_status.started()
                 await self._dial(self.config.connect_path)
             else:
                 listener = make_listener(self.config)
+                try:
+                    await self._setup_done()
+                except BaseException:
+                    listener.close()
+                    raise
                 task_status.started()
                 log.info("listening for a VMM")
                 with listener:
                     await self._accept(listener)
             nursery.cancel_scope.cancel()
+
+    async def _setup_done(self) -> None:
+        if self.config.after_setup is not None:
+            await self.config.after_setup()
 
     async def _accept(self, listener: trio.socket.SocketType) -> None:
         while True:
@@ -161,18 +179,47 @@ class Service:
         self.connections += 1
         log.info("VMM connected")
         self._changed()
+        if state is not None and session.policy.restore_target is not None:
+            self.faults.restored += 1
         try:
             await session.run()
         except* (OSError, trio.BrokenResourceError, ProtocolError) as group:
             # the session's own tasks (pairs, control queue) leave its nursery
             # as an ExceptionGroup: whatever the VMM did ends this connection only
             log.error("VMM connection failed: %s", "; ".join(map(str, group.exceptions)))
+            session.error = session.error or "failed"
         finally:
             self.session = None
             self.sessions_served += 1
             self.rings_broken_before += session.rings_broken
             self._changed()
+            self._count_end(session)
             log.info("session ended; waiting for the next VMM connection")
+
+    async def _swap_fds(self, old: list[int]) -> None:
+        """The backend has new host fds (a tap re-created): restart the pairs on
+        them, and close the old ones once no pair task uses them."""
+        session = self.session
+        if session is not None:
+            done = [slot.done for slot in session.slots]
+            session.reconcile(force=True)
+            for event in done:
+                await event.wait()
+        for fd in old:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+    def _count_end(self, session: Session) -> None:
+        if session.error is not None:
+            self.faults.vmm_errors += 1
+        running = sum(1 for vr in session.proto.vrings if vr.started)
+        if running:
+            self.faults.vmm_lost += 1
+            log.warning(
+                "VMM went away with %d rings running (lost VMMs: %d); serving the next one",
+                running,
+                self.faults.vmm_lost,
+            )
 
 
 def make_listener(config: ServiceConfig) -> trio.socket.SocketType:

@@ -112,6 +112,7 @@ class Session:
         self.rings_broken = 0
         self.on_change: Callable[[], None] | None = None  # the active pair count changed
         self._draining = False
+        self.error: str | None = None  # why the VMM's connection failed, if it did
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -125,6 +126,7 @@ class Session:
                     await self._serve()
                 except OSError as exc:  # the VMM went away mid-conversation (EPIPE, ECONNRESET)
                     log.error("VMM connection failed: %s; closing it", exc)
+                    self.error = str(exc)
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -145,6 +147,7 @@ class Session:
                 data, fds = await self._recv()
             except RemoteProtocolError as exc:
                 log.error("vhost-user: %s; closing the connection", exc)
+                self.error = str(exc)
                 return
             if not data:
                 close_fds(fds)
@@ -154,12 +157,14 @@ class Session:
                 self.decoder.feed(data, fds)
             except ProtocolError as exc:
                 log.error("vhost-user: %s; closing the connection", exc)
+                self.error = str(exc)
                 return
             while True:
                 try:
                     req = self.decoder.next_request()
                 except ProtocolError as exc:
                     log.error("vhost-user: malformed message: %s; closing the connection", exc)
+                    self.error = str(exc)
                     return
                 if req is None:
                     break
@@ -201,6 +206,8 @@ class Session:
             if exc.reply is not None:
                 await self._send(exc.reply)
             self._after_request()
+            if exc.fatal:
+                self.error = str(exc)
             return not exc.fatal
         self._after_request()
         events = self.proto.take_events()
