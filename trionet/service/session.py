@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
+from trio_util import AsyncValue
 
 from trionet.backends.user import UserBackend
 from trionet.errors import ProtocolError, RemoteProtocolError, RingError
@@ -99,7 +100,8 @@ class Session:
         self._scratch: list[Any] = [None] * max_pairs
         restore = state.restore_target(max_pairs) if state is not None else None
         self.policy = ActivePairPolicy(max_pairs, restore_target=restore)
-        self.active_pairs = 1
+        #: The active queue pair count, for tasks (and tests) to wait on.
+        self.pair_count: AsyncValue[int] = AsyncValue(1)
         self.active_changes: list[tuple[int, str]] = []
         self._nursery: trio.Nursery | None = None
         self._activated = False
@@ -107,6 +109,11 @@ class Session:
         self._enables_pending = False
         self._host_applied = False  # the backend has not been told a count yet
         self.stack = backend.stack if isinstance(backend, UserBackend) else None
+
+    @property
+    def active_pairs(self) -> int:
+        """Pairs 0..n-1 carry traffic (``pair_count`` to wait for a value)."""
+        return int(self.pair_count.value)
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -298,7 +305,7 @@ class Session:
             await self.backend.set_active_pairs(n)
         except Exception as exc:  # the backend's own error type; all mean "not applied"
             raise ApplyError(f"{self.backend.name} cannot apply {n} active pairs: {exc}") from exc
-        self.active_pairs = n
+        self.pair_count.value = n
         self._host_applied = True
         self.active_changes.append((n, cause))
         moved = self.flows.rehome(n)
