@@ -111,6 +111,13 @@ int tn_mem_uva_to_gpa(const struct tn_mem *m, uint64_t uva, uint64_t *gpa)
     return -1;
 }
 
+/* Does [gpa, gpa+len) run past the top of the 64-bit address space?  Such a
+ * range would wrap to gpa 0 and go on in whatever region is mapped there. */
+static int wraps(uint64_t gpa, uint64_t len)
+{
+    return len > 0 && gpa + (len - 1) < gpa;
+}
+
 /* Largest host span starting at gpa inside one region (len capped), or NULL. */
 static uint8_t *span(const struct tn_mem *m, uint64_t gpa, uint64_t len, uint64_t *got)
 {
@@ -128,6 +135,8 @@ static uint8_t *span(const struct tn_mem *m, uint64_t gpa, uint64_t len, uint64_
 int tn_mem_read(const struct tn_mem *m, uint64_t gpa, void *dst, uint64_t len)
 {
     uint8_t *out = dst;
+    if (wraps(gpa, len))
+        return TN_E_ADDR;
     while (len > 0) {
         uint64_t got;
         uint8_t *p = span(m, gpa, len, &got);
@@ -142,6 +151,8 @@ int tn_mem_read(const struct tn_mem *m, uint64_t gpa, void *dst, uint64_t len)
 int tn_mem_write(const struct tn_mem *m, uint64_t gpa, const void *src, uint64_t len)
 {
     const uint8_t *in = src;
+    if (wraps(gpa, len))
+        return TN_E_ADDR;
     while (len > 0) {
         uint64_t got;
         uint8_t *p = span(m, gpa, len, &got);
@@ -210,6 +221,8 @@ int tn_vq_pending(struct tn_vq *vq)
 static int add_iov(const struct tn_mem *m, uint64_t addr, uint32_t len, struct iovec *iov,
                    uint32_t max_iov, uint32_t *niov)
 {
+    if (wraps(addr, len))
+        return TN_E_ADDR;
     while (len > 0) {
         uint64_t got;
         uint8_t *p = span(m, addr, len, &got);

@@ -94,7 +94,10 @@ async def transfer_guest_to_host(guest: Guest, netns: str, tmp_path: Path) -> No
     assert hashlib.md5(data).hexdigest() == want
 
 
-async def test_guest_traffic_through_trionet(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [False, True], ids=["trio", "threads"])
+async def test_guest_traffic_through_trionet(tmp_path: Path, threads: bool) -> None:
+    """Ping and file transfers both ways, with every pair served on the Trio
+    thread and with ``--threads`` (native worker threads, as the benchmark runs)."""
     problems = prerequisite_problems()
     if problems:
         pytest.fail("e2e prerequisites missing: " + "; ".join(problems))
@@ -105,7 +108,12 @@ async def test_guest_traffic_through_trionet(tmp_path: Path) -> None:
             sock = tmp_path / "vhost.sock"
             log = tmp_path / "trionet.log"
             async with trionet_service(
-                netns=ns, socket_path=sock, tap=TAP, queue_pairs=1, log_path=log
+                netns=ns,
+                socket_path=sock,
+                tap=TAP,
+                queue_pairs=1,
+                log_path=log,
+                extra_args=["--threads"] if threads else [],
             ) as service:
                 await wait_for_link(ns, TAP)
                 await sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP, netns=ns)

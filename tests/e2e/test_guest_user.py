@@ -324,7 +324,9 @@ async def check_multiqueue(run: Run) -> None:
 # ---- the test -------------------------------------------------------------------------
 
 
-async def test_guest_on_user_backend(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [False, True], ids=["trio", "threads"])
+async def test_guest_on_user_backend(tmp_path: Path, threads: bool) -> None:
+    """Every check below, with the pairs on the Trio thread and with ``--threads``."""
     problems = prerequisite_problems()
     if problems:
         pytest.fail("e2e prerequisites missing: " + "; ".join(problems))
@@ -346,6 +348,8 @@ async def test_guest_on_user_backend(tmp_path: Path) -> None:
                 forwards_udp=[f"127.0.0.1/{inbound_port}:{GUEST_UDP_PORT}"],
                 control_socket=str(ctl),
             )
+            if threads:
+                args = [*args, "--threads"]
             async with (
                 user_trionet_service(
                     socket_path=sock,

@@ -17,9 +17,11 @@ import trio
 
 from tests.fakes.driver import GuestRam
 from tests.fakes.frontend import DRIVER_FEATURES, Frontend
+from tests.waits import pairs_become, until
 from trionet.backends.loop import LoopBackend
 from trionet.net import features as F
 from trionet.service.server import Service, ServiceConfig, read_status
+from trionet.service.session import Session
 from trionet.vhost_user import messages as m
 
 PAIRS = 4
@@ -41,16 +43,23 @@ def threads(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
-async def settle() -> None:
-    for _ in range(50):
-        await trio.sleep(0.001)
-
-
-async def send_on_pair(fe: Frontend, pair: int, frame: bytes) -> None:
-    fe.queues[2 * pair].add_rx(2048)
+async def send_on_pair(fe: Frontend, s: Session, pair: int, frame: bytes) -> None:
+    """Send ``frame`` on ``pair`` and wait until trionet has dealt with it: looped
+    into the pair's RX ring, or discarded (counted) because the pair is off."""
+    rx = fe.queues[2 * pair]
+    rx_before, dropped_before = rx.used_idx(), discarded(s, pair)
+    rx.add_rx(2048)
     fe.queues[2 * pair + 1].add_tx(frame)
     fe.kick(2 * pair + 1)
-    await settle()
+    await until(
+        lambda: rx.used_idx() != rx_before or discarded(s, pair) > dropped_before,
+        f"pair {pair} to loop or discard a frame",
+    )
+
+
+def discarded(s: Session, pair: int) -> int:
+    drops = s.counters[pair].drops
+    return drops["tx_ring_disabled"] + drops["tx_pair_inactive"]
 
 
 def looped(fe: Frontend, pair: int) -> int:
@@ -94,21 +103,21 @@ async def test_qemu_sequence_boot_ethtool_and_unload(
         await fe.sync()
         s = session_of(svc)
         assert s.active_pairs == 1
-        await send_on_pair(fe, 2, udp_frame(1000))
+        await send_on_pair(fe, s, 2, udp_frame(1000))
         assert looped(fe, 2) == 0  # pair 2 carries nothing: TX discarded
-        await send_on_pair(fe, 0, udp_frame(1001))
+        await send_on_pair(fe, s, 0, udp_frame(1001))
         assert looped(fe, 0) == 1
         for i in range(2, 2 * PAIRS):  # driver load with 4 queues
             await fe.send(m.SetVringEnable(index=i, enable=True))
         await fe.sync()
         assert s.active_pairs == 4
-        await send_on_pair(fe, 3, udp_frame(1002))
+        await send_on_pair(fe, s, 3, udp_frame(1002))
         assert looped(fe, 3) == 1
         for i in (7, 6, 5, 4):  # ethtool -L eth0 combined 2
             await fe.send(m.SetVringEnable(index=i, enable=False))
         await fe.sync()
         assert s.active_pairs == 2
-        await send_on_pair(fe, 3, udp_frame(1003))
+        await send_on_pair(fe, s, 3, udp_frame(1003))
         assert looped(fe, 3) == 0
         st = await trio.to_thread.run_sync(read_status, svc.config.control_socket)
         assert st["active_pairs"] == 2 and st["max_pairs"] == 4
@@ -132,21 +141,20 @@ async def test_control_queue_sets_pairs(tmp_path: Path, ram: GuestRam, threads: 
             await fe.setup_vring(i, enable=True)
         ctrl = await fe.setup_vring(CTRL, size=64, enable=True)
         await fe.sync()
-        await settle()
         s = session_of(svc)
         assert s.active_pairs == 1  # handed the control queue: 1 until the driver asks
-        await send_on_pair(fe, 2, udp_frame(2000))
+        await send_on_pair(fe, s, 2, udp_frame(2000))
         assert looped(fe, 2) == 0
 
         async def command(cmd: bytes) -> int:
             _, ack = ctrl.add_command(cmd)
             fe.kick(CTRL)
-            await settle()
+            await until(lambda: ctrl.ram.read(ack, 1)[0] != 0xFF, f"the ack of {cmd.hex()}")
             return ctrl.ram.read(ack, 1)[0]
 
         assert await command(bytes([4, 0]) + struct.pack("<H", 4)) == 0
-        assert s.active_pairs == 4
-        await send_on_pair(fe, 2, udp_frame(2001))
+        await pairs_become(s, 4)
+        await send_on_pair(fe, s, 2, udp_frame(2001))
         assert looped(fe, 2) == 1
         # invalid: 0 pairs, more than max, short, unknown class, VLAN (not offered)
         for bad in (
@@ -160,7 +168,7 @@ async def test_control_queue_sets_pairs(tmp_path: Path, ram: GuestRam, threads: 
             assert await command(bad) == 1, bad
         assert s.active_pairs == 4
         assert await command(bytes([4, 0]) + struct.pack("<H", 2)) == 0
-        assert s.active_pairs == 2
+        await pairs_become(s, 2)
         assert await command(bytes([0, 0, 1])) == 0  # RX PROMISC on
         assert s.control.rx_mode["promisc"] is True
         assert await command(bytes([1, 1]) + bytes.fromhex("525400abcdef")) == 0
@@ -229,11 +237,11 @@ async def test_restart_with_control_queue_restores_count(
             await fe.setup_vring(i, enable=True)
         await fe.setup_vring(CTRL, size=64, enable=True)
         await fe.sync()
-        await settle()
-        assert session_of(svc).active_pairs == 3
-        await send_on_pair(fe, 2, udp_frame(3000))
+        s = session_of(svc)
+        await pairs_become(s, 3)
+        await send_on_pair(fe, s, 2, udp_frame(3000))
         assert looped(fe, 2) == 1
-        await send_on_pair(fe, 3, udp_frame(3001))
+        await send_on_pair(fe, s, 3, udp_frame(3001))
         assert looped(fe, 3) == 0
 
 
@@ -274,7 +282,7 @@ async def test_flows_follow_pair_and_are_rehomed(
         await fe.sync()
         s = session_of(svc)
         frame = udp_frame(4000)
-        await send_on_pair(fe, 3, frame)
+        await send_on_pair(fe, s, 3, frame)
         flow = s.flows.hash_frame(frame, 12)
         reply = udp_frame(9, 4000, src="10.0.0.1", dst="10.0.0.2")
         assert s.flows.hash_frame(reply, 12) == flow  # a reply is the same flow

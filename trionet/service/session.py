@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
+from trio_util import AsyncValue
 
 from trionet.backends.user import UserBackend
 from trionet.errors import ProtocolError, RemoteProtocolError, RingError
@@ -101,7 +102,8 @@ class Session:
         self._scratch: list[Any] = [None] * max_pairs
         restore = state.restore_target(max_pairs) if state is not None else None
         self.policy = ActivePairPolicy(max_pairs, restore_target=restore)
-        self.active_pairs = 1
+        #: The active queue pair count, for tasks (and tests) to wait on.
+        self.pair_count: AsyncValue[int] = AsyncValue(1)
         self.active_changes: list[tuple[int, str]] = []
         self._nursery: trio.Nursery | None = None
         self._activated = False
@@ -113,6 +115,11 @@ class Session:
         self.on_change: Callable[[], None] | None = None  # the active pair count changed
         self._draining = False
         self.error: str | None = None  # why the VMM's connection failed, if it did
+
+    @property
+    def active_pairs(self) -> int:
+        """Pairs 0..n-1 carry traffic (``pair_count`` to wait for a value)."""
+        return int(self.pair_count.value)
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -310,7 +317,7 @@ class Session:
             await self.backend.set_active_pairs(n)
         except Exception as exc:  # the backend's own error type; all mean "not applied"
             raise ApplyError(f"{self.backend.name} cannot apply {n} active pairs: {exc}") from exc
-        self.active_pairs = n
+        self.pair_count.value = n
         self._host_applied = True
         self.active_changes.append((n, cause))
         moved = self.flows.rehome(n)
