@@ -64,6 +64,8 @@ struct tn_uflow {
     uint64_t tx_packets, tx_bytes, rx_packets, rx_bytes;  /* payload bytes */
 };
 
+struct tn_ttable;
+
 struct tn_utable {
     void *lock;               /* the locks (tn_utable_init allocates them) */
     uint32_t count;           /* live flows */
@@ -83,6 +85,7 @@ struct tn_utable {
     uint64_t rx_dropped;      /* larger than the guest's buffers can ever hold: dropped */
     uint64_t sock_errors;     /* socket errors either way (the flow is marked err) */
     uint64_t epoll_errors;    /* epoll_ctl failed moving a flow */
+    struct tn_ttable *tcp;    /* TCP connections for the TX fast path (usertcp.h), or NULL */
     int16_t index[8192];      /* key hash -> slot (-1: empty), linear probing */
     uint16_t free_slots[4096];
     struct tn_uflow flows[4096];

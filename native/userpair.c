@@ -392,6 +392,8 @@ static int run(struct tn_upair_io *io)
             add(io, &b, 0);
             if (rc > 0)
                 call(io, tx, io->tx_call);
+            if (tn_ttable_should_signal(io->table->tcp))
+                signal_fd(io->slow_fd);  /* TCP data went natively: Python acknowledges it */
             if (io->slow->n > 0) {
                 held = 1;
                 io->handoffs++;

@@ -39,6 +39,31 @@ struct tn_tcpc {
     int peek_off;                 /* SO_PEEK_OFF works on this socket */
     uint32_t tmpl_len;
     uint8_t tmpl[TN_TCPC_TMPL_MAX];
+    /* the TX fast path (under lock) */
+    uint8_t fast;                 /* Python lets it take this connection's frames */
+    uint32_t rcv_nxt, snd_una;
+    uint16_t window_field;
+    /* the table (under the table's locks) */
+    uint8_t indexed, listed, v6;
+    uint8_t src[16], dst[16];
+    uint16_t sport, dport;
+};
+
+#define TT_SLOTS 32768            /* open addressing, at most a quarter full */
+#define TT_MAX 8192
+#define TT_LIST 1024
+#define TT_MASK (TT_SLOTS - 1)
+#define VNET_F_NEEDS_CSUM 1
+
+struct tn_ttable {
+    pthread_rwlock_t index_lock;  /* lookups (TX batches) read; Python's add/del write */
+    pthread_mutex_t list_lock;
+    uint32_t n;
+    uint32_t nlisted;
+    uint8_t signal;               /* listed since the worker last signalled */
+    uint64_t fast_frames, fast_bytes;
+    struct tn_tcpc *list[TT_LIST];
+    struct tn_tcpc *slot[TT_SLOTS];
 };
 
 struct tn_tcp_entry {
@@ -364,4 +389,294 @@ int tn_tcp_entry_flat(struct tn_tcp_entry *e, uint8_t *buf, uint32_t cap)
     headers(e, buf, tl, seq, len, ns_sum_le(buf + tl, len, 0));
     count(&stats.laid);
     return (int)(tl + len);
+}
+
+/* ---- guest → host: the connection table and the TX fast path ---------------------- */
+
+struct tn_ttable *tn_ttable_new(void)
+{
+    struct tn_ttable *t = calloc(1, sizeof(*t));
+    if (t == NULL)
+        return NULL;
+    pthread_rwlock_init(&t->index_lock, NULL);
+    pthread_mutex_init(&t->list_lock, NULL);
+    return t;
+}
+
+void tn_ttable_free(struct tn_ttable *t)
+{
+    pthread_rwlock_destroy(&t->index_lock);
+    pthread_mutex_destroy(&t->list_lock);
+    free(t);
+}
+
+static uint32_t key_hash(int v6, const uint8_t *src, const uint8_t *dst, uint16_t sport,
+                         uint16_t dport)
+{
+    uint32_t h = 2166136261u ^ (uint32_t)v6;
+    uint32_t alen = v6 ? 16 : 4;
+    for (uint32_t i = 0; i < alen; i++)
+        h = (h ^ src[i]) * 16777619u;
+    for (uint32_t i = 0; i < alen; i++)
+        h = (h ^ dst[i]) * 16777619u;
+    h = (h ^ sport) * 16777619u;
+    h = (h ^ dport) * 16777619u;
+    return h ^ (h >> 15);
+}
+
+static int key_eq(const struct tn_tcpc *c, int v6, const uint8_t *src, const uint8_t *dst,
+                  uint16_t sport, uint16_t dport)
+{
+    uint32_t alen = v6 ? 16 : 4;
+    return c->v6 == v6 && c->sport == sport && c->dport == dport &&
+           memcmp(c->src, src, alen) == 0 && memcmp(c->dst, dst, alen) == 0;
+}
+
+static int find_slot(const struct tn_ttable *t, int v6, const uint8_t *src, const uint8_t *dst,
+                     uint16_t sport, uint16_t dport)
+{
+    uint32_t i = key_hash(v6, src, dst, sport, dport) & TT_MASK;
+    for (uint32_t probes = 0; probes < TT_SLOTS; probes++, i = (i + 1) & TT_MASK) {
+        const struct tn_tcpc *c = t->slot[i];
+        if (c == NULL)
+            return -1;
+        if (key_eq(c, v6, src, dst, sport, dport))
+            return (int)i;
+    }
+    return -1;
+}
+
+int tn_ttable_add(struct tn_ttable *t, struct tn_tcpc *c, int v6, const uint8_t *src,
+                  const uint8_t *dst, uint16_t sport, uint16_t dport)
+{
+    uint32_t alen = v6 ? 16 : 4;
+    int rc = 0;
+    pthread_rwlock_wrlock(&t->index_lock);
+    if (c->indexed || find_slot(t, v6, src, dst, sport, dport) >= 0) {
+        rc = -EEXIST;
+    } else if (t->n >= TT_MAX) {
+        rc = -ENOSPC;
+    } else {
+        c->v6 = (uint8_t)(v6 != 0);
+        memcpy(c->src, src, alen);
+        memcpy(c->dst, dst, alen);
+        c->sport = sport;
+        c->dport = dport;
+        uint32_t i = key_hash(v6, src, dst, sport, dport) & TT_MASK;
+        while (t->slot[i] != NULL)
+            i = (i + 1) & TT_MASK;
+        t->slot[i] = c;
+        __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);  /* the table's own */
+        c->indexed = 1;
+        t->n++;
+    }
+    pthread_rwlock_unlock(&t->index_lock);
+    return rc;
+}
+
+void tn_ttable_del(struct tn_ttable *t, struct tn_tcpc *c)
+{
+    pthread_rwlock_wrlock(&t->index_lock);
+    int i = c->indexed ? find_slot(t, c->v6, c->src, c->dst, c->sport, c->dport) : -1;
+    if (i >= 0) {
+        /* backward-shift deletion: no tombstones for linear probing */
+        uint32_t hole = (uint32_t)i, j = (uint32_t)i;
+        t->slot[hole] = NULL;
+        for (;;) {
+            j = (j + 1) & TT_MASK;
+            struct tn_tcpc *x = t->slot[j];
+            if (x == NULL)
+                break;
+            uint32_t home = key_hash(x->v6, x->src, x->dst, x->sport, x->dport) & TT_MASK;
+            /* x may fill the hole unless its home lies cyclically in (hole, j] */
+            int stays = hole <= j ? (home > hole && home <= j) : (home > hole || home <= j);
+            if (!stays) {
+                t->slot[hole] = x;
+                t->slot[j] = NULL;
+                hole = j;
+            }
+        }
+        c->indexed = 0;
+        t->n--;
+    }
+    pthread_rwlock_unlock(&t->index_lock);
+    pthread_mutex_lock(&t->list_lock);  /* never handed to Python after this */
+    for (uint32_t k = 0; k < t->nlisted; k++) {
+        if (t->list[k] == c) {
+            t->list[k] = t->list[--t->nlisted];
+            break;
+        }
+    }
+    c->listed = 0;
+    pthread_mutex_unlock(&t->list_lock);
+    if (i >= 0)
+        unref(c);
+}
+
+uint32_t tn_ttable_take(struct tn_ttable *t, struct tn_tcpc **out, uint32_t max)
+{
+    pthread_mutex_lock(&t->list_lock);
+    uint32_t n = t->nlisted < max ? t->nlisted : max;
+    for (uint32_t k = 0; k < n; k++) {
+        out[k] = t->list[t->nlisted - 1 - k];
+        out[k]->listed = 0;
+    }
+    t->nlisted -= n;
+    pthread_mutex_unlock(&t->list_lock);
+    return n;
+}
+
+uint64_t tn_ttable_fast_frames(const struct tn_ttable *t)
+{
+    return __atomic_load_n(&t->fast_frames, __ATOMIC_RELAXED);
+}
+
+uint64_t tn_ttable_fast_bytes(const struct tn_ttable *t)
+{
+    return __atomic_load_n(&t->fast_bytes, __ATOMIC_RELAXED);
+}
+
+int tn_ttable_should_signal(struct tn_ttable *t)
+{
+    if (t == NULL || !__atomic_load_n(&t->signal, __ATOMIC_RELAXED))
+        return 0;
+    return __atomic_exchange_n(&t->signal, 0, __ATOMIC_ACQ_REL);
+}
+
+uint32_t tn_tcpc_pause(struct tn_tcpc *c)
+{
+    pthread_mutex_lock(&c->lock);
+    c->fast = 0;
+    uint32_t r = c->rcv_nxt;
+    pthread_mutex_unlock(&c->lock);
+    return r;
+}
+
+void tn_tcpc_resume(struct tn_tcpc *c, uint32_t rcv_nxt, uint32_t snd_una, uint16_t window_field,
+                    int fast)
+{
+    pthread_mutex_lock(&c->lock);
+    c->rcv_nxt = rcv_nxt;
+    c->snd_una = snd_una;
+    c->window_field = window_field;
+    c->fast = fast != 0 && c->fd >= 0;
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* List c for Python to acknowledge (c locked).  0: the list is full. */
+static int list_for_ack(struct tn_ttable *t, struct tn_tcpc *c)
+{
+    int ok = 1;
+    pthread_mutex_lock(&t->list_lock);
+    if (!c->listed) {
+        if (t->nlisted < TT_LIST) {
+            t->list[t->nlisted++] = c;
+            c->listed = 1;
+            __atomic_store_n(&t->signal, 1, __ATOMIC_RELEASE);
+        } else {
+            ok = 0;
+        }
+    }
+    pthread_mutex_unlock(&t->list_lock);
+    return ok;
+}
+
+static inline uint16_t rd16be(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline uint32_t rd32be(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, uint32_t hdr_len,
+                   uint32_t flen, uint8_t vnet_flags)
+{
+    uint8_t h[VNET_HDR_MAX + ETH_LEN + V6_LEN + TCP_LEN];
+    if (t == NULL || hdr_len > VNET_HDR_MAX)
+        return 0;
+    uint32_t got = tn_iov_to_buf(ch, nch, h, hdr_len + ETH_LEN + V6_LEN + TCP_LEN < hdr_len + flen
+                                                 ? hdr_len + ETH_LEN + V6_LEN + TCP_LEN
+                                                 : hdr_len + flen);
+    const uint8_t *f = h + hdr_len, *ip = f + ETH_LEN, *th;
+    uint32_t have = got - hdr_len, l4, plen;
+    int v6;
+    if (have < ETH_LEN + V4_LEN + TCP_LEN)
+        return 0;
+    uint16_t type = rd16be(f + 12);
+    if (type == 0x0800) {
+        uint16_t total = rd16be(ip + 2);
+        if (ip[0] != 0x45 || ip[9] != 6 || (rd16be(ip + 6) & 0x3fff) != 0 ||
+            total < V4_LEN + TCP_LEN || ETH_LEN + (uint32_t)total > flen)
+            return 0;
+        v6 = 0;
+        l4 = ETH_LEN + V4_LEN;
+        plen = total - V4_LEN - TCP_LEN;
+    } else if (type == 0x86dd) {
+        if (have < ETH_LEN + V6_LEN + TCP_LEN || ip[0] >> 4 != 6 || ip[6] != 6)
+            return 0;
+        uint16_t pl = rd16be(ip + 4);
+        if (pl < TCP_LEN || ETH_LEN + V6_LEN + (uint32_t)pl > flen)
+            return 0;
+        v6 = 1;
+        l4 = ETH_LEN + V6_LEN;
+        plen = pl - TCP_LEN;
+    } else {
+        return 0;
+    }
+    th = f + l4;
+    /* plain data: no options, ACK (and PSH) only, a payload */
+    if (th[12] >> 4 != TCP_LEN / 4 || (th[13] & ~0x08) != 0x10 || plen == 0)
+        return 0;
+    const uint8_t *src = v6 ? ip + 8 : ip + 12, *dst = v6 ? ip + 24 : ip + 16;
+    uint16_t sport = rd16be(th), dport = rd16be(th + 2);
+    uint32_t seq = rd32be(th + 4), ack = rd32be(th + 8);
+    uint16_t window = rd16be(th + 14);
+
+    struct iovec pl[MAX_IOV];
+    uint32_t npl = ns_iov_window(ch, nch, hdr_len + l4 + TCP_LEN, plen, pl, MAX_IOV);
+    pthread_rwlock_rdlock(&t->index_lock);
+    int i = find_slot(t, v6, src, dst, sport, dport);
+    struct tn_tcpc *c = i >= 0 ? t->slot[i] : NULL;
+    int taken = 0;
+    if (c != NULL) {
+        pthread_mutex_lock(&c->lock);
+        if (c->fast && c->fd >= 0) {
+            c->fast = 0;  /* unless this frame is taken whole, Python has it next */
+            int ok = seq == c->rcv_nxt && ack == c->snd_una && window == c->window_field;
+            if (ok && !(vnet_flags & VNET_F_NEEDS_CSUM)) {
+                uint64_t acc;
+                if (v6) {
+                    acc = ns_sum_le(ip + 8, 32, 0);
+                } else {
+                    ok = ns_fold(ns_sum_le(ip, V4_LEN, 0)) == 0xffff;
+                    acc = ns_sum_le(ip + 12, 8, 0);
+                }
+                uint8_t tail[4] = {0, 6, (uint8_t)((TCP_LEN + plen) >> 8), (uint8_t)(TCP_LEN + plen)};
+                acc = ns_sum_le(tail, 4, acc);
+                acc = ns_sum_le(th, TCP_LEN, acc);
+                acc = ns_sum_iov(pl, npl, plen, acc);
+                ok = ok && ns_fold(acc) == 0xffff;
+            }
+            if (ok) {
+                struct msghdr mh;
+                memset(&mh, 0, sizeof(mh));
+                mh.msg_iov = pl;
+                mh.msg_iovlen = npl;
+                ssize_t r = sendmsg(c->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+                if (r > 0)
+                    c->rcv_nxt += (uint32_t)r;
+                /* a full list: the frame goes to Python, which learns rcv_nxt
+                 * from tn_tcpc_pause and acknowledges from there */
+                if (r == (ssize_t)plen && list_for_ack(t, c)) {
+                    c->fast = 1;
+                    taken = 1;
+                    __atomic_fetch_add(&t->fast_frames, 1, __ATOMIC_RELAXED);
+                    __atomic_fetch_add(&t->fast_bytes, plen, __ATOMIC_RELAXED);
+                }
+                /* part of it (or none): Python sees seq behind rcv_nxt and sends the rest */
+            }
+        }
+        pthread_mutex_unlock(&c->lock);
+    }
+    pthread_rwlock_unlock(&t->index_lock);
+    return taken;
 }

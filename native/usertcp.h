@@ -56,6 +56,47 @@ int tn_tcpc_peek_off(const struct tn_tcpc *c);
 /* Counters of every connection's data entries (process-wide). */
 void tn_tcpc_stats_get(struct tn_tcpc_stats *out);
 
+/* ---- guest → host: the TCP TX fast path -----------------------------------------
+ *
+ * A table of the connections (struct tn_ttable, keyed as the guest sends:
+ * its address and port, the peer's) that the native TX path (tn_user_tx)
+ * looks up for every TCP frame.  A frame is taken natively only when
+ * Python allowed it for the connection (tn_tcpc_resume with fast = 1) and
+ * it is the plainest kind: ACK (PSH) only, no options, in order (seq =
+ * rcv_nxt), acknowledging nothing new (ack = snd_una, the same window
+ * field), with payload and good checksums.  Its payload is sent from the
+ * descriptors with one sendmsg, rcv_nxt advances, and the connection is
+ * listed for Python to acknowledge (tn_ttable_take).  Anything else, a
+ * send the socket takes only in part, or any frame while Python has the
+ * connection (between tn_tcpc_pause and tn_tcpc_resume) goes to Python,
+ * and the connection stays Python's until it resumes it: frames of one
+ * connection are never reordered. */
+
+struct tn_ttable;
+
+/* NULL when out of memory. */
+struct tn_ttable *tn_ttable_new(void);
+/* Every connection must have been removed. */
+void tn_ttable_free(struct tn_ttable *t);
+/* Index c under the guest's view of its key (src: the guest, 4 or 16 bytes
+ * by v6).  0, -EEXIST, -ENOSPC. */
+int tn_ttable_add(struct tn_ttable *t, struct tn_tcpc *c, int v6, const uint8_t *src,
+                  const uint8_t *dst, uint16_t sport, uint16_t dport);
+void tn_ttable_del(struct tn_ttable *t, struct tn_tcpc *c);
+/* Connections the fast path took data for since the last call (at most max
+ * into out); each listed once. */
+uint32_t tn_ttable_take(struct tn_ttable *t, struct tn_tcpc **out, uint32_t max);
+/* Frames taken natively, and sent bytes, since the table was made. */
+uint64_t tn_ttable_fast_frames(const struct tn_ttable *t);
+uint64_t tn_ttable_fast_bytes(const struct tn_ttable *t);
+/* Python takes the connection: no frame of it goes the fast path until
+ * resume.  Returns rcv_nxt (which the fast path may have moved). */
+uint32_t tn_tcpc_pause(struct tn_tcpc *c);
+/* Python is done with it: the state the fast path checks frames against,
+ * and whether it may take them at all. */
+void tn_tcpc_resume(struct tn_tcpc *c, uint32_t rcv_nxt, uint32_t snd_una, uint16_t window_field,
+                    int fast);
+
 /* Queue a data entry: len bytes (> 0) at sequence number seq of c's stream,
  * with ack, the window field and flags as given.  1, 0 when the queue is full
  * (counted in dropped), or -EINVAL. */
@@ -81,4 +122,11 @@ int tn_tcp_entry_lay(struct tn_tcp_entry *e, struct tn_vq *vq, const struct tn_m
 /* The entry as a flat frame in buf (cap bytes): its length (which may exceed
  * cap: then only cap bytes were written), or -1 when dropped. */
 int tn_tcp_entry_flat(struct tn_tcp_entry *e, uint8_t *buf, uint32_t cap);
+/* For tn_user_tx: 1 when the frame (f: its first got bytes after the
+ * virtio-net header, flen in all; ch: the chain) was taken by the fast path,
+ * 0 when it goes to Python. */
+int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, uint32_t hdr_len,
+                   uint32_t flen, uint8_t vnet_flags);
+/* For the worker: 1 once after the table listed connections (signal Python). */
+int tn_ttable_should_signal(struct tn_ttable *t);
 /* cdef-end */

@@ -394,6 +394,8 @@ async def _user_slow(io: Any, stack: UserStack, slow: SlowFrames) -> None:
         if lib.tn_user_pair_handed(io):
             stack.take_slow(slow)
             lib.tn_user_pair_resume(io)
+        else:
+            stack.tcp.take_fast()
         if stack.fast.table.nattention or stack.fast.table.attention_overflow:
             stack.udp.errors()
 

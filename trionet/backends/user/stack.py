@@ -98,6 +98,7 @@ class UserStack:
 
     def close(self) -> None:
         """Process exit: release the native table and the outboxes' fds."""
+        self.tcp.close()
         self.fast.close()
         for box in self.outboxes:
             box.close()
@@ -112,7 +113,9 @@ class UserStack:
         return slow
 
     def take_slow(self, slow: SlowFrames) -> None:
-        """Dispatch the frames a native TX batch handed over (and empty ``slow``)."""
+        """After a native TX batch: acknowledge the TCP data it sent, and
+        dispatch the frames it handed over (emptying ``slow``)."""
+        self.tcp.take_fast()
         for f in slow.drain():
             self.guest_frame(f.frame, f.pair, f.flags)
 

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 SO_MEMINFO = 55
 SK_MEMINFO_SNDBUF, SK_MEMINFO_WMEM_QUEUED = 3, 5
 MAX_TCP_FLOWS = 8192  # two fds each: the socket and its epoll set
+FAST_TAKE = 1024  # connections the native TX path took data for, taken at once
 OUTBOX_RESERVE = 64  # outbox slots left for other traffic
 MAX_BURST = 256  # segments one push puts in an outbox
 LISTEN_BACKLOG = 128
@@ -245,6 +246,13 @@ class TcpFlows:
         self.listeners: list[socket.socket] = []
         self.stats: Counter[str] = Counter()
         self.no_peek_off = False  # tests: the path of kernels without SO_PEEK_OFF for TCP
+        # connections the native TX path may send guest data for (usertcp.h)
+        self.table = lib.tn_ttable_new()
+        if self.table == ffi.NULL:
+            raise MemoryError("tcp connection table")
+        stack.fast.table.tcp = self.table
+        self.by_native: dict[int, TcpFlow] = {}
+        self.fast_took = ffi.new("struct tn_tcpc *[]", FAST_TAKE)
 
     # ---- guest segments ----------------------------------------------------------
 
@@ -260,6 +268,17 @@ class TcpFlows:
             return
         flow.wire.pair = self.stack.home(pair)
         self._guard(flow, lambda now: flow.conn.on_segment(seg, now))
+
+    def take_fast(self) -> None:
+        """Connections the native TX path sent guest data for: they owe the
+        guest an ACK (``_guard`` brings ``rcv_nxt`` up to date)."""
+        while n := int(lib.tn_ttable_take(self.table, self.fast_took, FAST_TAKE)):
+            for i in range(n):
+                flow = self.by_native.get(_addr(self.fast_took[i]))
+                if flow is not None:
+                    self._guard(flow, lambda _now: None)
+            if n < FAST_TAKE:
+                break
 
     def _rst_unknown(self, pkt: P.Packet, seg: Segment, pair: int) -> None:
         """RFC 9293 §3.10.7.1: a segment for no connection gets a reset."""
@@ -337,12 +356,21 @@ class TcpFlows:
             ep.close()
             sock.close()
             raise P.Drop("tcp_no_memory")
+        addr_len = 4 if version == 4 else 16
+        rc = lib.tn_ttable_add(self.table, native, int(version == 6), gsrc.packed[:addr_len],
+                               gdst.packed[:addr_len], gsport, gdport)  # fmt: skip
+        if rc < 0:
+            lib.tn_tcpc_close(native)
+            ep.close()
+            sock.close()
+            raise P.Drop("tcp_table_full")
         wire = GuestWire(self.stack, tmpl, self.stack.home(pair), native)
         host = HostSocket(sock, native)
         mss_limit = min(cfg.mtu - (40 if version == 4 else 60), 0xFFFF)
         conn = TcpConn(host, wire, iss=iss, mss_limit=mss_limit, now=trio.current_time())
         flow = TcpFlow(key, sock, host, wire, conn, target, inbound, ep)
         self.flows[key] = flow
+        self.by_native[_addr(native)] = flow
         return flow
 
     def _connect_failed(self, flow: TcpFlow, err: int) -> None:
@@ -406,7 +434,10 @@ class TcpFlows:
         table entry of a closed connection."""
         conn = flow.conn
         now = trio.current_time()
+        native = flow.host.native
         try:
+            if native != ffi.NULL:
+                conn.took(lib.tn_tcpc_pause(native), now)  # what the native TX path sent
             step(now)
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, "error")
@@ -424,6 +455,9 @@ class TcpFlows:
             if flow.timer is not None:
                 flow.timer.deadline = float("-inf")
             return
+        if native != ffi.NULL:
+            lib.tn_tcpc_resume(native, conn.rcv_nxt, conn.snd_una, conn.window_field,
+                               int(conn.state is State.ESTABLISHED))  # fmt: skip
         if conn.state is not State.CONNECTING:
             self._watch(flow, EP_DATA | (select.EPOLLOUT if conn.want_write else 0))
         if flow.timer is not None:
@@ -448,6 +482,9 @@ class TcpFlows:
         if flow.ep.fileno() >= 0:
             trio.lowlevel.notify_closing(flow.ep.fileno())
             flow.ep.close()
+        if flow.host.native != ffi.NULL:
+            lib.tn_ttable_del(self.table, flow.host.native)
+            self.by_native.pop(_addr(flow.host.native), None)
         flow.host.close_native()
         if flow.sock.fileno() >= 0:
             flow.sock.close()
@@ -530,6 +567,13 @@ class TcpFlows:
             sock.close()
         self.listeners.clear()
 
+    def close(self) -> None:
+        """Process exit (every connection released): free the native table."""
+        if self.table != ffi.NULL:
+            self.stack.fast.table.tcp = ffi.NULL
+            lib.tn_ttable_free(self.table)
+            self.table = ffi.NULL
+
     def describe(self) -> list[dict[str, Any]]:
         return [
             {
@@ -557,4 +601,10 @@ class TcpFlows:
             f"data_{name}": int(getattr(native, name))
             for name in ("laid", "stale", "trimmed", "short_peeks", "peek_errors")
         }
+        data["native_tx_frames"] = int(lib.tn_ttable_fast_frames(self.table))
+        data["native_tx_bytes"] = int(lib.tn_ttable_fast_bytes(self.table))
         return {"connections": len(self.flows), **self.stats, **data}
+
+
+def _addr(native: Any) -> int:
+    return int(ffi.cast("uintptr_t", native))

@@ -246,6 +246,7 @@ class TcpConn:
         self.iss = iss
         self.snd_una = self.snd_nxt = self.snd_max = iss
         self.snd_wnd = 1  # bytes, scaled
+        self.window_field = 0  # the window field of the guest's last segment, as sent
         self.ws_from_guest = 0
         self.fin_seq: int | None = None  # sequence number of our FIN once the host said EOF
         # from the guest
@@ -368,6 +369,20 @@ class TcpConn:
         if not self.closed:
             self.push(now)
 
+    def took(self, rcv_nxt: int, now: float) -> None:
+        """The native TX path sent in-order guest data to the host socket up
+        to ``rcv_nxt`` (it takes only plain segments that acknowledge nothing
+        new, while ESTABLISHED): acknowledge it."""
+        if rcv_nxt == self.rcv_nxt or self.state is not State.ESTABLISHED:
+            return
+        n = seq_diff(rcv_nxt, self.rcv_nxt)
+        if n <= 0:
+            return
+        self.rcv_nxt = rcv_nxt
+        self.bytes_from_guest += n
+        self.last_guest = self.last_activity = self.keepalive_at = now
+        self.ack_due = True
+
     def _guest_rst(self, seg: Segment) -> None:
         """Accepted when in the receive window (RFC 9293 §3.10.7.4); in
         SYN_SENT when it acknowledges our SYN."""
@@ -406,6 +421,7 @@ class TcpConn:
         if seq_lt(ack, self.snd_una):
             return  # older than what we know
         window = seg.window << self.ws_from_guest
+        self.window_field = seg.window
         if seq_lt(self.snd_una, ack):
             acked = seq_diff(ack, self.snd_una)
             fin_acked = self.fin_seq is not None and ack == ((self.fin_seq + 1) & MASK)
