@@ -390,6 +390,9 @@ class Session:
         Nothing restarts them (``reconcile`` is off from here on)."""
         self._draining = True
         await self._stop_pairs(control=True)
+        if self.stack is not None:  # frames a worker's last TX batch handed over
+            for p in range(self.max_pairs):
+                self.stack.take_slow(self.stack.slow_frames(p))
         for vr in self.proto.vrings:
             if vr.attached and vr.call_fd is not None and vr.needs_notify():
                 with contextlib.suppress(OSError):
