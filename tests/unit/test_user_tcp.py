@@ -13,7 +13,6 @@ import contextlib
 import random
 import socket
 import struct
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,27 +94,6 @@ class Conn:
 
     def frame(self, flags: str, data: bytes = b"", **kw: Any) -> bytes:
         return seg(flags, self.seq, self.ack, data, dport=self.port, **kw)
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[UserStack]:
-    st = UserStack(make_config(guest_mac=GUEST_MAC), 2)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(st.run)
-            yield st
-            nursery.cancel_scope.cancel()
-    finally:
-        st.close()
-
-
-@pytest.fixture
-async def listener() -> AsyncIterator[trio.socket.SocketType]:
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    await sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    yield sock
-    sock.close()
 
 
 async def connect(

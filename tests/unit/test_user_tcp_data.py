@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import trio
 from scapy.layers.inet import TCP
-
-from tests.unit.test_user_tcp import Wire, connect, data, listener, seg, stack  # noqa: F401
 from trionet._native import ffi, lib
+
+from tests.unit.test_user_tcp import Wire, connect, data, seg
 from trionet.backends.user.stack import UserStack
 
 PAYLOAD = bytes(range(256)) * 12  # 3072 bytes: four segments of at most 1000
