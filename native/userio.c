@@ -674,7 +674,7 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
         int slot = -1;
         if (hdr_len <= VNET_HDR_MAX && gso == 0 && parse_udp(h + hdr_len, got - hdr_len, flen, &u))
             slot = find(t, u.v6, u.src, u.dst, u.sport, u.dport);
-        if (slot < 0 && gso == 0 && tn_tcp_tx_fast(t->tcp, ch, nch, hdr_len, flen, flags)) {
+        if (slot < 0 && gso == 0 && tn_tcp_tx_fast(t->tcp, ch, nch, hdr_len, flen, flags, pair)) {
             b->packets++;
             b->bytes += flen;
             tn_vq_push(vq, head, 0);

@@ -41,6 +41,7 @@ struct tn_tcpc {
     uint8_t tmpl[TN_TCPC_TMPL_MAX];
     /* the TX fast path (under lock) */
     uint8_t fast;                 /* Python lets it take this connection's frames */
+    uint8_t pair;                 /* of the last frame it took */
     uint32_t rcv_nxt, snd_una;
     uint16_t window_field;
     /* the table (under the table's locks) */
@@ -543,6 +544,8 @@ int tn_ttable_should_signal(struct tn_ttable *t)
     return __atomic_exchange_n(&t->signal, 0, __ATOMIC_ACQ_REL);
 }
 
+int tn_tcpc_pair(const struct tn_tcpc *c) { return __atomic_load_n(&c->pair, __ATOMIC_RELAXED); }
+
 uint32_t tn_tcpc_pause(struct tn_tcpc *c)
 {
     pthread_mutex_lock(&c->lock);
@@ -588,7 +591,7 @@ static inline uint32_t rd32be(const uint8_t *p)
 }
 
 int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, uint32_t hdr_len,
-                   uint32_t flen, uint8_t vnet_flags)
+                   uint32_t flen, uint8_t vnet_flags, uint8_t pair)
 {
     uint8_t h[VNET_HDR_MAX + ETH_LEN + V6_LEN + TCP_LEN];
     if (t == NULL || hdr_len > VNET_HDR_MAX)
@@ -668,6 +671,7 @@ int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, ui
                  * from tn_tcpc_pause and acknowledges from there */
                 if (r == (ssize_t)plen && list_for_ack(t, c)) {
                     c->fast = 1;
+                    c->pair = pair;
                     taken = 1;
                     __atomic_fetch_add(&t->fast_frames, 1, __ATOMIC_RELAXED);
                     __atomic_fetch_add(&t->fast_bytes, plen, __ATOMIC_RELAXED);

@@ -89,6 +89,8 @@ uint32_t tn_ttable_take(struct tn_ttable *t, struct tn_tcpc **out, uint32_t max)
 /* Frames taken natively, and sent bytes, since the table was made. */
 uint64_t tn_ttable_fast_frames(const struct tn_ttable *t);
 uint64_t tn_ttable_fast_bytes(const struct tn_ttable *t);
+/* The queue pair of the last frame the fast path took for c (replies go there). */
+int tn_tcpc_pair(const struct tn_tcpc *c);
 /* Python takes the connection: no frame of it goes the fast path until
  * resume.  Returns rcv_nxt (which the fast path may have moved). */
 uint32_t tn_tcpc_pause(struct tn_tcpc *c);
@@ -126,7 +128,7 @@ int tn_tcp_entry_flat(struct tn_tcp_entry *e, uint8_t *buf, uint32_t cap);
  * virtio-net header, flen in all; ch: the chain) was taken by the fast path,
  * 0 when it goes to Python. */
 int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, uint32_t hdr_len,
-                   uint32_t flen, uint8_t vnet_flags);
+                   uint32_t flen, uint8_t vnet_flags, uint8_t pair);
 /* For the worker: 1 once after the table listed connections (signal Python). */
 int tn_ttable_should_signal(struct tn_ttable *t);
 /* cdef-end */

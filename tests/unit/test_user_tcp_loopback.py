@@ -174,6 +174,25 @@ async def test_short_connections_leak_no_fds(tmp_path: Path, server: Any) -> Non
         assert rss_bytes() - rss_before < 32 << 20, (rss_before, rss_bytes())
 
 
+async def test_replies_follow_the_pair_of_natively_sent_data(
+    tmp_path: Path, server: Any, threads: bool
+) -> None:
+    port = await server(echo)
+    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
+        with trio.fail_after(60):
+            conn = await net.connect(str(GW4), port, pair=0)
+            stack = stack_of(net)
+            before = stack.tcp.counters()["native_tx_frames"]
+            conn.pair = 1  # the guest moves the connection to its second queue
+            await conn.send_all(pattern(20_000, 7))  # acknowledged: ACKs came back
+            [flow] = stack.tcp.flows.values()
+            assert stack.tcp.counters()["native_tx_frames"] > before
+            assert flow.wire.pair == 1
+            assert conn.pair == 1  # the guest's last ACK from trionet arrived on pair 1
+            await conn.send_all(b"", fin=True)
+            assert await conn.recv_until_fin() == pattern(20_000, 7)
+
+
 async def test_inbound_forward_to_a_guest_listener(tmp_path: Path) -> None:
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))

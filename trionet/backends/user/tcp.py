@@ -275,7 +275,8 @@ class TcpFlows:
         while n := int(lib.tn_ttable_take(self.table, self.fast_took, FAST_TAKE)):
             for i in range(n):
                 flow = self.by_native.get(_addr(self.fast_took[i]))
-                if flow is not None:
+                if flow is not None:  # replies follow the pair of the guest's last segment
+                    flow.wire.pair = self.stack.home(int(lib.tn_tcpc_pair(self.fast_took[i])))
                     self._guard(flow, lambda _now: None)
             if n < FAST_TAKE:
                 break
