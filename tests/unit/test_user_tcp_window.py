@@ -23,9 +23,10 @@ class Host:
     outq: int = 0
     buffer: int = 1 << 21
     sent: bytearray = field(default_factory=bytearray)
+    stream: int = 0  # bytes from the host peer waiting in the receive queue
 
     def available(self, offset: int) -> int:
-        return 0
+        return max(0, self.stream - offset)
 
     def consume(self, n: int) -> None:
         pass
@@ -56,6 +57,7 @@ class Host:
 @dataclass
 class Wire:
     out: list[tuple[int, int, int, int, bytes]] = field(default_factory=list)
+    sent: list[tuple[int, int]] = field(default_factory=list)  # data segments: seq, length
 
     def room(self) -> int:
         return 64
@@ -66,7 +68,7 @@ class Wire:
         self.out.append((flags, seq, ack, window, payload))
 
     def data(self, flags: int, seq: int, ack: int, window: int, length: int) -> None:
-        raise AssertionError("the host sent nothing")
+        self.sent.append((seq, length))
 
 
 def established(host: Host) -> tuple[T.TcpConn, Wire]:
@@ -145,3 +147,19 @@ def test_keepalive_and_window_probes_get_an_ack() -> None:
     assert wire.out, "the probe went unanswered"
     flags, seq, ack, _window, _payload = wire.out[-1]
     assert (flags, seq, ack) == (T.ACK, ISS + 1, IRS + 1)
+
+
+def test_no_small_segments_into_a_window_an_ack_will_open() -> None:
+    # RFC 1122 §4.2.3.4: the sender waits rather than fill a sliver of window
+    host = Host()
+    conn, wire = established(host)  # the guest offers 512 << 7 = 65536 bytes
+    host.stream = 200_000
+    conn.on_readable(1.0)
+    assert sum(n for _, n in wire.sent) == 65536  # the whole window
+    wire.sent.clear()
+    # the guest acknowledges 1000 bytes: 1000 bytes of window open, 64536 in flight
+    conn.on_segment(T.Segment(IRS + 1, ISS + 1 + 1000, T.ACK, 512, b""), 1.1)
+    assert not wire.sent
+    # it acknowledges everything: a whole window again
+    conn.on_segment(T.Segment(IRS + 1, ISS + 1 + 65536, T.ACK, 512, b""), 1.2)
+    assert sum(n for _, n in wire.sent) == 65536

@@ -247,6 +247,7 @@ class TcpConn:
         self.snd_una = self.snd_nxt = self.snd_max = iss
         self.snd_wnd = 1  # bytes, scaled
         self.window_field = 0  # the window field of the guest's last segment, as sent
+        self.max_snd_wnd = 0  # the largest window the guest offered (sender SWS avoidance)
         self.ws_from_guest = 0
         self.fin_seq: int | None = None  # sequence number of our FIN once the host said EOF
         # from the guest
@@ -302,7 +303,7 @@ class TcpConn:
             self.ws_from_guest, self.ws_to_guest = seg.wscale, OUR_WSCALE
         else:
             self.ws_from_guest = self.ws_to_guest = 0
-        self.snd_wnd = seg.window  # never scaled in a SYN
+        self.snd_wnd = self.max_snd_wnd = seg.window  # never scaled in a SYN
 
     def connected(self, now: float) -> None:
         """The host connect() completed: SYN-ACK to the guest."""
@@ -422,6 +423,7 @@ class TcpConn:
             return  # older than what we know
         window = seg.window << self.ws_from_guest
         self.window_field = seg.window
+        self.max_snd_wnd = max(self.max_snd_wnd, window)
         if seq_lt(self.snd_una, ack):
             acked = seq_diff(ack, self.snd_una)
             fin_acked = self.fin_seq is not None and ack == ((self.fin_seq + 1) & MASK)
@@ -529,6 +531,8 @@ class TcpConn:
             if have < 0:
                 self.fin_seq = self.snd_nxt  # end of stream: everything before was sent
                 continue
+            if want < have and inflight > 0 and want < min(self.mss, self.max_snd_wnd // 2):
+                break  # RFC 1122 §4.2.3.4: no small segment while an ACK is due to open more
             room -= self._send_data(min(have, want))
             sent = True
         if sent and self.rto_at is None:
