@@ -73,9 +73,10 @@ static inline uint32_t ns_iov_window(const struct iovec *iov, uint32_t n, uint32
     return k;
 }
 
-/* Copy len bytes of flat memory into the iovecs' bytes [off, off+len). */
-static inline uint32_t ns_iov_put(const struct iovec *iov, uint32_t n, uint32_t off,
-                                  const uint8_t *buf, uint32_t len)
+/* Copy len bytes between flat memory and the iovecs' bytes [off, off+len):
+ * into the iovecs with to_iov, out of them without; returns bytes copied. */
+static inline uint32_t ns_iov_copy(const struct iovec *iov, uint32_t n, uint32_t off, uint8_t *buf,
+                                   uint32_t len, int to_iov)
 {
     uint32_t done = 0;
     for (uint32_t i = 0; i < n && done < len; i++) {
@@ -85,10 +86,26 @@ static inline uint32_t ns_iov_put(const struct iovec *iov, uint32_t n, uint32_t 
             continue;
         }
         size_t take = l - off < len - done ? l - off : len - done;
-        memcpy((uint8_t *)iov[i].iov_base + off, buf + done, take);
+        uint8_t *p = (uint8_t *)iov[i].iov_base + off;
+        if (to_iov)
+            memcpy(p, buf + done, take);
+        else
+            memcpy(buf + done, p, take);
         done += (uint32_t)take;
         off = 0;
     }
     return done;
+}
+
+static inline uint32_t ns_iov_put(const struct iovec *iov, uint32_t n, uint32_t off,
+                                  const uint8_t *buf, uint32_t len)
+{
+    return ns_iov_copy(iov, n, off, (uint8_t *)buf, len, 1);
+}
+
+static inline uint32_t ns_iov_get(const struct iovec *iov, uint32_t n, uint32_t off, uint8_t *buf,
+                                  uint32_t len)
+{
+    return ns_iov_copy(iov, n, off, buf, len, 0);
 }
 /* cdef-end */

@@ -14,6 +14,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "netsum.h"
 #include "virtq.h"
 #include "userio.h"
 #include "usertcp.h"
@@ -53,109 +54,19 @@ static inline uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[
 static inline void put_be16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
 static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-/* ---- Internet checksum ----------------------------------------------------
- * Sums are taken over little-endian 16-bit words: the folded result is the
- * byte-swapped network-order sum, and its complement stored as-is (memcpy of
- * a uint16_t) at an even offset is the right checksum field. */
-
-static uint64_t sum_le(const uint8_t *p, size_t len, uint64_t acc)
-{
-    while (len >= 4) {
-        acc += rd32(p);
-        p += 4;
-        len -= 4;
-    }
-    if (len >= 2) {
-        uint16_t v;
-        memcpy(&v, p, 2);
-        acc += v;
-        p += 2;
-        len -= 2;
-    }
-    if (len)
-        acc += p[0];
-    return acc;
-}
-
-static uint16_t fold(uint64_t acc)
-{
-    for (int i = 0; i < 8 && (acc >> 16); i++)  /* 64 bits fold down in at most 5 */
-        acc = (acc & 0xffff) + (acc >> 16);
-    return (uint16_t)acc;
-}
+/* ---- Internet checksum (netsum.h) ----------------------------------------- */
 
 uint16_t tn_sum16(const uint8_t *p, size_t len)
 {
-    return __builtin_bswap16(fold(sum_le(p, len, 0)));
-}
-
-/* Sum len bytes of iovecs; a segment that starts at an odd position in the
- * stream contributes byte-swapped. */
-static uint64_t sum_iov(const struct iovec *iov, uint32_t n, uint32_t len, uint64_t acc)
-{
-    uint32_t pos = 0;
-    for (uint32_t i = 0; i < n && pos < len; i++) {
-        uint32_t take = iov[i].iov_len < len - pos ? (uint32_t)iov[i].iov_len : len - pos;
-        uint16_t s = fold(sum_le(iov[i].iov_base, take, 0));
-        acc += (pos & 1) ? __builtin_bswap16(s) : s;
-        pos += take;
-    }
-    return acc;
+    return __builtin_bswap16(ns_fold(ns_sum_le(p, len, 0)));
 }
 
 /* Sum of the UDP pseudo-header (addresses from the IP header ip). */
 static uint64_t sum_pseudo(const uint8_t *ip, int v6, uint16_t ulen)
 {
     uint8_t tail[4] = {0, 17, (uint8_t)(ulen >> 8), (uint8_t)ulen};
-    uint64_t acc = v6 ? sum_le(ip + 8, 32, 0) : sum_le(ip + 12, 8, 0);
-    return sum_le(tail, 4, acc);
-}
-
-/* ---- iovec windows -------------------------------------------------------- */
-
-/* Copy the window [off, off+len) of iovecs into out (at most max entries);
- * returns the entries used. */
-static uint32_t iov_window(const struct iovec *iov, uint32_t n, uint32_t off, uint32_t len,
-                           struct iovec *out, uint32_t max)
-{
-    uint32_t k = 0;
-    for (uint32_t i = 0; i < n && len > 0 && k < max; i++) {
-        size_t l = iov[i].iov_len;
-        if (off >= l) {
-            off -= (uint32_t)l;
-            continue;
-        }
-        size_t take = l - off < len ? l - off : len;
-        out[k].iov_base = (uint8_t *)iov[i].iov_base + off;
-        out[k].iov_len = take;
-        k++;
-        len -= (uint32_t)take;
-        off = 0;
-    }
-    return k;
-}
-
-/* Copy len bytes between flat memory and the iovecs' bytes [off, off+len). */
-static uint32_t iov_copy_at(const struct iovec *iov, uint32_t n, uint32_t off, uint8_t *buf,
-                            uint32_t len, int to_iov)
-{
-    uint32_t done = 0;
-    for (uint32_t i = 0; i < n && done < len; i++) {
-        size_t l = iov[i].iov_len;
-        if (off >= l) {
-            off -= (uint32_t)l;
-            continue;
-        }
-        size_t take = l - off < len - done ? l - off : len - done;
-        uint8_t *p = (uint8_t *)iov[i].iov_base + off;
-        if (to_iov)
-            memcpy(p, buf + done, take);
-        else
-            memcpy(buf + done, p, take);
-        done += (uint32_t)take;
-        off = 0;
-    }
-    return done;
+    uint64_t acc = v6 ? ns_sum_le(ip + 8, 32, 0) : ns_sum_le(ip + 12, 8, 0);
+    return ns_sum_le(tail, 4, acc);
 }
 
 /* ---- flow table ------------------------------------------------------------ */
@@ -539,16 +450,16 @@ static int checksums_ok(const uint8_t *f, const struct udp_frame *u, const struc
                         uint32_t npayload, int needs_csum)
 {
     const uint8_t *ip = f + ETH_LEN, *udp = f + u->l4;
-    if (!u->v6 && fold(sum_le(ip, V4_LEN, 0)) != 0xffff)
+    if (!u->v6 && ns_fold(ns_sum_le(ip, V4_LEN, 0)) != 0xffff)
         return 0;
     if (needs_csum)  /* the guest left the UDP checksum to us (partial) */
         return 1;
     if (be16(udp + 6) == 0)
         return !u->v6;  /* "no checksum" exists only in IPv4 */
     uint64_t acc = sum_pseudo(ip, u->v6, u->ulen);
-    acc = sum_le(udp, UDP_LEN, acc);
-    acc = sum_iov(payload, npayload, u->ulen - UDP_LEN, acc);
-    return fold(acc) == 0xffff;
+    acc = ns_sum_le(udp, UDP_LEN, acc);
+    acc = ns_sum_iov(payload, npayload, u->ulen - UDP_LEN, acc);
+    return ns_fold(acc) == 0xffff;
 }
 
 /* Datagrams waiting to go out on one socket, their iovecs in the caller's
@@ -602,7 +513,7 @@ static int to_slow(struct tn_slow *slow, const struct iovec *iov, uint32_t n, ui
     if (slow->n >= TN_SLOW_FRAMES || slow->used > TN_SLOW_BYTES ||
         flen > TN_SLOW_BYTES - slow->used)
         return 0;
-    uint32_t got = iov_copy_at(iov, n, hdr_len, slow->data + slow->used, flen, 0);
+    uint32_t got = ns_iov_get(iov, n, hdr_len, slow->data + slow->used, flen);
     slow->off[slow->n] = slow->used;
     slow->len[slow->n] = got;
     slow->pair[slow->n] = pair;
@@ -696,7 +607,7 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
         }
         /* the payload, in place: skip headers, trim to the UDP length */
         struct iovec *pl = ch;
-        uint32_t npl = iov_window(ch, nch, hdr_len + u.l4 + UDP_LEN, u.ulen - UDP_LEN, ch, nch);
+        uint32_t npl = ns_iov_window(ch, nch, hdr_len + u.l4 + UDP_LEN, u.ulen - UDP_LEN, ch, nch);
         tn_vq_push(vq, head, 0);
         done++;
         if (!checksums_ok(h + hdr_len, &u, pl, npl, flags & VNET_F_NEEDS_CSUM)) {
@@ -784,23 +695,23 @@ static uint32_t rx_headers(struct rx_ctx *c, struct tn_uflow *f, const struct io
         put_be16(ip + 2, (uint16_t)(V4_LEN + ulen));
         put_be16(ip + 4, c->t->ipv4_id[c->pair]++);
         ip[10] = ip[11] = 0;
-        uint16_t ck = (uint16_t)~fold(sum_le(ip, V4_LEN, 0));
+        uint16_t ck = (uint16_t)~ns_fold(ns_sum_le(ip, V4_LEN, 0));
         memcpy(ip + 10, &ck, 2);
         udp = ip + V4_LEN;
     }
     put_be16(udp + 4, ulen);
     udp[6] = udp[7] = 0;
     uint64_t acc = sum_pseudo(ip, f->v6, ulen);
-    acc = sum_le(udp, UDP_LEN, acc);
-    acc = sum_iov(payload, npayload, dlen, acc);
-    uint16_t ck = (uint16_t)~fold(acc);
+    acc = ns_sum_le(udp, UDP_LEN, acc);
+    acc = ns_sum_iov(payload, npayload, dlen, acc);
+    uint16_t ck = (uint16_t)~ns_fold(acc);
     if (ck == 0)
         ck = 0xffff;
     memcpy(udp + 6, &ck, 2);
-    iov_copy_at(iov, niov, 0, hb, hl + tl, 1);
+    ns_iov_put(iov, niov, 0, hb, hl + tl);
     uint32_t flen = tl + dlen;
     if (flen < MIN_FRAME) {
-        iov_copy_at(iov, niov, hl + flen, zeros, MIN_FRAME - flen, 1);
+        ns_iov_put(iov, niov, hl + flen, zeros, MIN_FRAME - flen);
         flen = MIN_FRAME;
     }
     return flen;
@@ -869,7 +780,7 @@ static int rx_batch(struct rx_ctx *c, int slot, uint32_t budget, uint32_t *got)
             tn_vq_rewind(c->vq, 1);
             break;
         }
-        uint32_t w = iov_window(s->iov + first, niov - first, base, wl - base, c->sub + nsub,
+        uint32_t w = ns_iov_window(s->iov + first, niov - first, base, wl - base, c->sub + nsub,
                                 TN_MAX_CHAIN_IOV - nsub);
         s->heads[k] = head;
         start[k] = first;
@@ -940,7 +851,7 @@ static int rx_one(struct rx_ctx *c, int slot)
         return rx_no_room(c, f->fd);
     }
     uint32_t cap = room > base + MAX_DGRAM_V6 ? MAX_DGRAM_V6 : (uint32_t)room - base;
-    uint32_t w = iov_window(s->iov, niov, base, cap, c->sub, TN_MAX_CHAIN_IOV);
+    uint32_t w = ns_iov_window(s->iov, niov, base, cap, c->sub, TN_MAX_CHAIN_IOV);
     struct msghdr mh = {.msg_iov = c->sub, .msg_iovlen = w};
     ssize_t r = recvmsg(f->fd, &mh, MSG_DONTWAIT);
     if (r < 0) {
