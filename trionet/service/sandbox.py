@@ -254,7 +254,8 @@ def check_threads() -> None:
 def switch_user(libc: Any, who: Identity) -> None:
     _prctl(libc, PR_SET_KEEPCAPS, 0)
     try:
-        os.setgroups([who.gid])
+        if os.geteuid() == 0:  # otherwise --user named the user we already are
+            os.setgroups([who.gid])
         os.setresgid(who.gid, who.gid, who.gid)
         os.setresuid(who.uid, who.uid, who.uid)
     except OSError as exc:
