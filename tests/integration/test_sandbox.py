@@ -145,7 +145,8 @@ def test_forbidden_syscalls_are_refused(how: str) -> None:
         argv += ["--", sys.executable, "-m", "tests.fakes.sandbox_probe"]
     res = subprocess.run(argv, capture_output=True, cwd=REPO, timeout=60, check=True)
     out = json.loads(res.stdout)
-    for forbidden in ("execve", "mount", "ptrace", "unshare", "setuid", "kill", "chroot"):
+    forbidden_calls = ("execve", "mount", "ptrace", "unshare", "setuid", "kill", "chroot")
+    for forbidden in (*forbidden_calls, "clone_newuser"):
         assert out[forbidden] == "EPERM", (forbidden, out)
     for allowed in ("udp", "thread", "epoll_eventfd", "memfd_mmap", "read_proc"):
         assert out[allowed] == "ok", (allowed, out)

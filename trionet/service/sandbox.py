@@ -50,8 +50,9 @@ _ffi.cdef(
     void seccomp_release(scmp_filter_ctx ctx);
     int seccomp_attr_set(scmp_filter_ctx ctx, int attr, uint32_t value);
     int seccomp_syscall_resolve_name(const char *name);
+    struct scmp_arg_cmp { unsigned int arg; int op; uint64_t datum_a; uint64_t datum_b; };
     int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall,
-                               unsigned int arg_cnt, const void *arg_array);
+                               unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
     int seccomp_load(const scmp_filter_ctx ctx);
 
     struct tn_cap_header { uint32_t version; int pid; };
@@ -63,6 +64,7 @@ _ffi.cdef(
 
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_ERRNO = 0x00050000  # SCMP_ACT_ERRNO(e) == SCMP_ERRNO | e
+SCMP_CMP_MASKED_EQ = 7
 SCMP_FLTATR_CTL_NNP = 3
 SCMP_FLTATR_CTL_TSYNC = 4
 
@@ -74,7 +76,8 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 CAP_VERSION_3 = 0x20080522
 
 #: What the steady state calls: the Trio loop (epoll, eventfd, signals through
-#: a socketpair), worker threads (--threads: clone/clone3, futex, rseq),
+#: a socketpair), worker threads (--threads: clone - see install_seccomp -,
+#: futex, rseq),
 #: guest memory (mmap of the VMM's fds), the tap data path (read/write/ioctl
 #: on queue fds: TUNSETQUEUE, TUNSETOFFLOAD, TUNSETVNETHDRSZ), the user stack
 #: (sockets of every kind it opens, ping sockets, sendmmsg/recvmmsg, socket
@@ -105,7 +108,7 @@ ALLOWED_SYSCALLS: tuple[str, ...] = (
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigpending",
     "rt_sigtimedwait", "sigaltstack", "tgkill", "tkill",
     # threads and the process itself
-    "clone", "clone3", "exit", "exit_group", "set_robust_list", "get_robust_list",
+    "exit", "exit_group", "set_robust_list", "get_robust_list",
     "set_tid_address", "rseq", "gettid", "getpid", "getppid", "getpgrp", "getsid",
     "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getgroups",
     "capget", "prctl", "arch_prctl", "uname", "sysinfo", "getrusage", "times",
@@ -115,6 +118,19 @@ ALLOWED_SYSCALLS: tuple[str, ...] = (
     "shutdown", "getsockname", "getpeername", "setsockopt", "getsockopt",
     "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg",
 )  # fmt: skip
+
+
+#: clone() flags that make namespaces: threads never need them (a user
+#: namespace would hand its creator a fresh set of capabilities).
+CLONE_NAMESPACES = (
+    0x00020000  # CLONE_NEWNS
+    | 0x02000000  # CLONE_NEWCGROUP
+    | 0x04000000  # CLONE_NEWUTS
+    | 0x08000000  # CLONE_NEWIPC
+    | 0x10000000  # CLONE_NEWUSER
+    | 0x20000000  # CLONE_NEWPID
+    | 0x40000000  # CLONE_NEWNET
+)
 
 
 class SandboxError(Exception):
@@ -281,6 +297,21 @@ def install_seccomp(allowed: tuple[str, ...] = ALLOWED_SYSCALLS) -> int:
             if nr < 0:  # not a syscall on this architecture
                 continue
             rc = sc.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, nr, 0, _ffi.NULL)
+            if rc < 0:
+                raise SandboxError(f"seccomp rule for {name}: {os.strerror(-rc)}")
+            rules += 1
+        # threads: clone without namespace flags; clone3 keeps its flags in
+        # memory a filter cannot read, so it answers ENOSYS and glibc falls back
+        # to clone
+        clone_ok = _ffi.new("struct scmp_arg_cmp *", (0, SCMP_CMP_MASKED_EQ, CLONE_NAMESPACES, 0))
+        for name, action, args in (
+            ("clone", SCMP_ACT_ALLOW, clone_ok),
+            ("clone3", SCMP_ERRNO | errno.ENOSYS, _ffi.NULL),
+        ):
+            nr = sc.seccomp_syscall_resolve_name(name.encode())
+            if nr < 0:
+                continue
+            rc = sc.seccomp_rule_add_array(ctx, action, nr, 0 if args == _ffi.NULL else 1, args)
             if rc < 0:
                 raise SandboxError(f"seccomp rule for {name}: {os.strerror(-rc)}")
             rules += 1
