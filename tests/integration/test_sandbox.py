@@ -146,9 +146,9 @@ def test_forbidden_syscalls_are_refused(how: str) -> None:
     res = subprocess.run(argv, capture_output=True, cwd=REPO, timeout=60, check=True)
     out = json.loads(res.stdout)
     forbidden_calls = ("execve", "mount", "ptrace", "unshare", "setuid", "kill", "chroot")
-    for forbidden in (*forbidden_calls, "clone_newuser"):
+    for forbidden in (*forbidden_calls, "clone_newuser", "tiocsti"):
         assert out[forbidden] == "EPERM", (forbidden, out)
-    for allowed in ("udp", "thread", "epoll_eventfd", "memfd_mmap", "read_proc"):
+    for allowed in ("udp", "thread", "epoll_eventfd", "memfd_mmap", "read_proc", "ioctl_fionread"):
         assert out[allowed] == "ok", (allowed, out)
     assert out["NoNewPrivs"] == "1" and out["Seccomp"].strip() == "2"
     assert out["CapEff"] == out["CapPrm"] == "0000000000000000"

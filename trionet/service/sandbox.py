@@ -76,10 +76,10 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 CAP_VERSION_3 = 0x20080522
 
 #: What the steady state calls: the Trio loop (epoll, eventfd, signals through
-#: a socketpair), worker threads (--threads: clone - see install_seccomp -,
-#: futex, rseq),
-#: guest memory (mmap of the VMM's fds), the tap data path (read/write/ioctl
-#: on queue fds: TUNSETQUEUE, TUNSETOFFLOAD, TUNSETVNETHDRSZ), the user stack
+#: a socketpair), worker threads (--threads: futex, rseq; clone has its own
+#: rule, see install_seccomp), guest memory (mmap of the VMM's fds), the tap
+#: data path (read/write, and ioctl on queue fds - TUNSETQUEUE, TUNSETOFFLOAD,
+#: TUNSETVNETHDRSZ - with its own rule, see IOCTL_RULES), the user stack
 #: (sockets of every kind it opens, ping sockets, sendmmsg/recvmmsg, socket
 #: options), the vhost-user and control sockets (accept, SCM_RIGHTS), the
 #: state file (write a temp file, rename), logging and lazy imports (open,
@@ -89,7 +89,7 @@ ALLOWED_SYSCALLS: tuple[str, ...] = (
     # file descriptors and files
     "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
     "preadv2", "pwritev2", "close", "close_range", "dup", "dup2", "dup3", "fcntl",
-    "ioctl", "lseek", "pipe", "pipe2", "open", "openat", "openat2", "creat",
+    "lseek", "pipe", "pipe2", "open", "openat", "openat2", "creat",
     "stat", "fstat", "lstat", "newfstatat", "statx", "statfs", "fstatfs",
     "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getdents64",
     "getcwd", "chdir", "fchdir", "rename", "renameat", "renameat2", "unlink",
@@ -119,6 +119,19 @@ ALLOWED_SYSCALLS: tuple[str, ...] = (
     "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg",
 )  # fmt: skip
 
+
+SCMP_CMP_LE = 3
+SCMP_CMP_EQ = 4
+SCMP_CMP_GE = 5
+TIOCSTI = 0x5412  # push input into a terminal: an escape from any sandbox with a tty
+TIOCLINUX = 0x541C  # the console's own commands, input included
+#: ioctl requests: every one but TIOCSTI and TIOCLINUX (a filter compares
+#: each argument once per rule, hence the ranges and the ones in between).
+IOCTL_RULES: tuple[tuple[int, int], ...] = (
+    (SCMP_CMP_LE, TIOCSTI - 1),
+    *((SCMP_CMP_EQ, req) for req in range(TIOCSTI + 1, TIOCLINUX)),
+    (SCMP_CMP_GE, TIOCLINUX + 1),
+)
 
 #: clone() flags that make namespaces: threads never need them (a user
 #: namespace would hand its creator a fresh set of capabilities).
@@ -304,10 +317,14 @@ def install_seccomp(allowed: tuple[str, ...] = ALLOWED_SYSCALLS) -> int:
         # memory a filter cannot read, so it answers ENOSYS and glibc falls back
         # to clone
         clone_ok = _ffi.new("struct scmp_arg_cmp *", (0, SCMP_CMP_MASKED_EQ, CLONE_NAMESPACES, 0))
-        for name, action, args in (
+        conditional = [
             ("clone", SCMP_ACT_ALLOW, clone_ok),
             ("clone3", SCMP_ERRNO | errno.ENOSYS, _ffi.NULL),
-        ):
+        ]
+        for op, value in IOCTL_RULES:  # arg 1: the request
+            cmp = _ffi.new("struct scmp_arg_cmp *", (1, op, value, 0))
+            conditional.append(("ioctl", SCMP_ACT_ALLOW, cmp))
+        for name, action, args in conditional:
             nr = sc.seccomp_syscall_resolve_name(name.encode())
             if nr < 0:
                 continue
