@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import select
 import socket
+import termios
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +39,34 @@ def _forbidden() -> dict[str, Callable[[], object]]:
         "setuid": lambda: _c(_libc.syscall(105, 0)),  # raw setuid(0)
         "kill": lambda: os.kill(os.getpid(), 0),
         "chroot": lambda: os.chroot("/"),
+        "clone_newuser": _clone_newuser,
+        "tiocsti": _tiocsti,
     }
+
+
+def _fionread() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.send(b"xy")
+        assert int.from_bytes(fcntl.ioctl(a, termios.FIONREAD, bytes(4)), "little") == 2
+
+
+def _tiocsti() -> None:
+    master, slave = os.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSTI, b"x")
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def _clone_newuser() -> None:
+    rc = _libc.syscall(56, 0x10000000 | 17, None, None, None, None)  # clone(NEWUSER|SIGCHLD)
+    if rc == 0:  # the child of a filter that let it through
+        os._exit(0)
+    if rc > 0:
+        os.waitpid(rc, 0)
+    _c(rc)
 
 
 def _allowed() -> dict[str, Callable[[], object]]:
@@ -70,6 +99,7 @@ def _allowed() -> dict[str, Callable[[], object]]:
         "epoll_eventfd": epoll_eventfd,
         "memfd_mmap": lambda: os.close(os.memfd_create("probe")),
         "read_proc": lambda: Path("/proc/self/status").read_text(),
+        "ioctl_fionread": _fionread,  # 0x541B: between TIOCSTI and TIOCLINUX
     }
 
 

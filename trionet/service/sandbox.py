@@ -50,8 +50,9 @@ _ffi.cdef(
     void seccomp_release(scmp_filter_ctx ctx);
     int seccomp_attr_set(scmp_filter_ctx ctx, int attr, uint32_t value);
     int seccomp_syscall_resolve_name(const char *name);
+    struct scmp_arg_cmp { unsigned int arg; int op; uint64_t datum_a; uint64_t datum_b; };
     int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall,
-                               unsigned int arg_cnt, const void *arg_array);
+                               unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
     int seccomp_load(const scmp_filter_ctx ctx);
 
     struct tn_cap_header { uint32_t version; int pid; };
@@ -63,6 +64,7 @@ _ffi.cdef(
 
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_ERRNO = 0x00050000  # SCMP_ACT_ERRNO(e) == SCMP_ERRNO | e
+SCMP_CMP_MASKED_EQ = 7
 SCMP_FLTATR_CTL_NNP = 3
 SCMP_FLTATR_CTL_TSYNC = 4
 
@@ -74,9 +76,10 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 CAP_VERSION_3 = 0x20080522
 
 #: What the steady state calls: the Trio loop (epoll, eventfd, signals through
-#: a socketpair), worker threads (--threads: clone/clone3, futex, rseq),
-#: guest memory (mmap of the VMM's fds), the tap data path (read/write/ioctl
-#: on queue fds: TUNSETQUEUE, TUNSETOFFLOAD, TUNSETVNETHDRSZ), the user stack
+#: a socketpair), worker threads (--threads: futex, rseq; clone has its own
+#: rule, see install_seccomp), guest memory (mmap of the VMM's fds), the tap
+#: data path (read/write, and ioctl on queue fds - TUNSETQUEUE, TUNSETOFFLOAD,
+#: TUNSETVNETHDRSZ - with its own rule, see IOCTL_RULES), the user stack
 #: (sockets of every kind it opens, ping sockets, sendmmsg/recvmmsg, socket
 #: options), the vhost-user and control sockets (accept, SCM_RIGHTS), the
 #: state file (write a temp file, rename), logging and lazy imports (open,
@@ -86,7 +89,7 @@ ALLOWED_SYSCALLS: tuple[str, ...] = (
     # file descriptors and files
     "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
     "preadv2", "pwritev2", "close", "close_range", "dup", "dup2", "dup3", "fcntl",
-    "ioctl", "lseek", "pipe", "pipe2", "open", "openat", "openat2", "creat",
+    "lseek", "pipe", "pipe2", "open", "openat", "openat2", "creat",
     "stat", "fstat", "lstat", "newfstatat", "statx", "statfs", "fstatfs",
     "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getdents64",
     "getcwd", "chdir", "fchdir", "rename", "renameat", "renameat2", "unlink",
@@ -105,7 +108,7 @@ ALLOWED_SYSCALLS: tuple[str, ...] = (
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigpending",
     "rt_sigtimedwait", "sigaltstack", "tgkill", "tkill",
     # threads and the process itself
-    "clone", "clone3", "exit", "exit_group", "set_robust_list", "get_robust_list",
+    "exit", "exit_group", "set_robust_list", "get_robust_list",
     "set_tid_address", "rseq", "gettid", "getpid", "getppid", "getpgrp", "getsid",
     "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getgroups",
     "capget", "prctl", "arch_prctl", "uname", "sysinfo", "getrusage", "times",
@@ -115,6 +118,32 @@ ALLOWED_SYSCALLS: tuple[str, ...] = (
     "shutdown", "getsockname", "getpeername", "setsockopt", "getsockopt",
     "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg",
 )  # fmt: skip
+
+
+SCMP_CMP_LE = 3
+SCMP_CMP_EQ = 4
+SCMP_CMP_GE = 5
+TIOCSTI = 0x5412  # push input into a terminal: an escape from any sandbox with a tty
+TIOCLINUX = 0x541C  # the console's own commands, input included
+#: ioctl requests: every one but TIOCSTI and TIOCLINUX (a filter compares
+#: each argument once per rule, hence the ranges and the ones in between).
+IOCTL_RULES: tuple[tuple[int, int], ...] = (
+    (SCMP_CMP_LE, TIOCSTI - 1),
+    *((SCMP_CMP_EQ, req) for req in range(TIOCSTI + 1, TIOCLINUX)),
+    (SCMP_CMP_GE, TIOCLINUX + 1),
+)
+
+#: clone() flags that make namespaces: threads never need them (a user
+#: namespace would hand its creator a fresh set of capabilities).
+CLONE_NAMESPACES = (
+    0x00020000  # CLONE_NEWNS
+    | 0x02000000  # CLONE_NEWCGROUP
+    | 0x04000000  # CLONE_NEWUTS
+    | 0x08000000  # CLONE_NEWIPC
+    | 0x10000000  # CLONE_NEWUSER
+    | 0x20000000  # CLONE_NEWPID
+    | 0x40000000  # CLONE_NEWNET
+)
 
 
 class SandboxError(Exception):
@@ -254,7 +283,8 @@ def check_threads() -> None:
 def switch_user(libc: Any, who: Identity) -> None:
     _prctl(libc, PR_SET_KEEPCAPS, 0)
     try:
-        os.setgroups([who.gid])
+        if os.geteuid() == 0:  # otherwise --user named the user we already are
+            os.setgroups([who.gid])
         os.setresgid(who.gid, who.gid, who.gid)
         os.setresuid(who.uid, who.uid, who.uid)
     except OSError as exc:
@@ -280,6 +310,25 @@ def install_seccomp(allowed: tuple[str, ...] = ALLOWED_SYSCALLS) -> int:
             if nr < 0:  # not a syscall on this architecture
                 continue
             rc = sc.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, nr, 0, _ffi.NULL)
+            if rc < 0:
+                raise SandboxError(f"seccomp rule for {name}: {os.strerror(-rc)}")
+            rules += 1
+        # threads: clone without namespace flags; clone3 keeps its flags in
+        # memory a filter cannot read, so it answers ENOSYS and glibc falls back
+        # to clone
+        clone_ok = _ffi.new("struct scmp_arg_cmp *", (0, SCMP_CMP_MASKED_EQ, CLONE_NAMESPACES, 0))
+        conditional = [
+            ("clone", SCMP_ACT_ALLOW, clone_ok),
+            ("clone3", SCMP_ERRNO | errno.ENOSYS, _ffi.NULL),
+        ]
+        for op, value in IOCTL_RULES:  # arg 1: the request
+            cmp = _ffi.new("struct scmp_arg_cmp *", (1, op, value, 0))
+            conditional.append(("ioctl", SCMP_ACT_ALLOW, cmp))
+        for name, action, args in conditional:
+            nr = sc.seccomp_syscall_resolve_name(name.encode())
+            if nr < 0:
+                continue
+            rc = sc.seccomp_rule_add_array(ctx, action, nr, 0 if args == _ffi.NULL else 1, args)
             if rc < 0:
                 raise SandboxError(f"seccomp rule for {name}: {os.strerror(-rc)}")
             rules += 1
