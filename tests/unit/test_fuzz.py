@@ -40,6 +40,17 @@ CRASHES = [
         "the harness placed a ring at a VMM address past 2**64 (a harness bug: real "
         "addresses come from u64 fields)",
     ),
+    (
+        "memory",
+        "L1v//////8zMzMzCzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMwfHx8fAAAAAAAAAAAAAAAAAAAAAAAA"
+        "AAAAAAAAAAAAAAAAQAAAAAAAABAAAAAAAAAEAAAAAAC5uZkHyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIzMzMzMLM"
+        "zMzMzMzMzMzMzMzIyMjIyMjIyMjIyMjIyMjIyMjIyNjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjI"
+        "yMjIyMgFAAAAAAAAAMjIyMjI///IyMjI////////////////////////////////////////////////////////"
+        "/1j/////////////////////////yMjIyMjIyMjIyMjIyMjIyMjIyMjIyMgICAgICAgIAAAAAAAAAB8fzMzMzMzM"
+        "////fX0A",
+        "regions aliasing the same bytes of one memfd: a write through one shows in "
+        "the other (the harness's model did not know; trionet was right)",
+    ),
 ]
 
 

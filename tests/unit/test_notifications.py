@@ -9,6 +9,7 @@ from __future__ import annotations
 import trio
 
 from tests.fakes.frontend import Frontend
+from tests.waits import until
 from trionet.service.server import Service
 
 HDR = bytes(12)
@@ -33,7 +34,10 @@ async def _round(frontend: Frontend, service: Service, arm: bool) -> tuple[int, 
             got_rx += len(rx.take_used())
             got_tx += len(tx.take_used())
             await trio.sleep(0.001)
-    await trio.sleep(0.05)  # the call eventfd is written just after the used ring
+    # The call eventfds are written just after the used rings, and before the
+    # pair asks for kicks again (EVENT_IDX: avail_event moves up to avail idx):
+    # once it has, whatever interrupts this batch sends have been sent.
+    await until(lambda: tx.avail_event() == tx.avail_idx, "the pair to ask for kicks again")
     after = service.status()["pairs"][0]
     assert after["rx_packets"] - before["rx_packets"] == FRAMES
     return frontend.calls_pending(0), frontend.calls_pending(1), after["kicks"] - before["kicks"]
@@ -70,5 +74,5 @@ async def test_a_started_but_disabled_ring_with_nothing_used_never_interrupts(
     with trio.fail_after(5):
         while not frontend.queues[1].take_used():
             await trio.sleep(0.001)
-    await trio.sleep(0.05)
+        await trio.lowlevel.wait_readable(frontend.calls[1])  # the call comes after the used ring
     assert frontend.calls_pending(1) == 1  # the discarded chain is completed and signalled
