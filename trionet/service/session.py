@@ -503,6 +503,7 @@ _QUIESCE = frozenset(
         m.SetVringCall,
         m.SetVringErr,
         m.SetFeatures,
+        m.SetLogBase,
         m.SetStatus,
         m.ResetOwner,
         m.ResetDevice,
