@@ -107,6 +107,7 @@ class Session:
         self._enables_pending = False
         self._host_applied = False  # the backend has not been told a count yet
         self.stack = backend.stack if isinstance(backend, UserBackend) else None
+        self.announces = 0  # SEND_RARP requests (after a migration)
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -274,6 +275,9 @@ class Session:
     def _announce(self, mac: bytes) -> None:
         """SEND_RARP: broadcast a RARP for the guest's MAC on the host side, so
         switches learn where the (migrated) guest now is."""
+        self.announces += 1
+        if self.stack is not None and self.stack.guest_mac is None:
+            self.stack.guest_mac = mac  # the user stack has no switch: it learns the MAC
         fd = self._tap_fd(0)
         if fd is None:
             log.info("SEND_RARP for %s: no host link to announce on", mac.hex(":"))
@@ -466,6 +470,7 @@ class Session:
             "max_pairs": self.max_pairs,
             "features": F.names(self.proto.features),
             "device_status": self.proto.status,
+            "announces": self.announces,
             "active_changes": [{"count": n, "cause": c} for n, c in self.active_changes[-20:]],
             "flows": self.flows.stats(),
             **({"user": self.stack.status()} if self.stack is not None else {}),
