@@ -159,6 +159,7 @@ int tn_mem_write(const struct tn_mem *m, uint64_t gpa, const void *src, uint64_t
         if (p == NULL)
             return TN_E_ADDR;
         memcpy(p, in, got);
+        tn_log_mark(__atomic_load_n(&m->log, __ATOMIC_ACQUIRE), gpa, got);
         in += got; gpa += got; len -= got;
     }
     return 0;
@@ -197,6 +198,8 @@ int tn_vq_setup(struct tn_vq *vq, const struct tn_mem *m, uint16_t size,
         vq->desc = vq->avail = vq->used = NULL;
         return TN_E_NOT_READY;
     }
+    vq->mem = m;
+    vq->used_log = used_gpa;
     return 0;
 }
 
@@ -374,9 +377,76 @@ void tn_vq_push(struct tn_vq *vq, uint16_t head, uint32_t len)
     vq->used_idx++;
 }
 
+/* ---- dirty logging ------------------------------------------------------- */
+
+static inline struct tn_log *vq_log(const struct tn_vq *vq)
+{
+    return vq->mem != NULL ? __atomic_load_n(&vq->mem->log, __ATOMIC_ACQUIRE) : NULL;
+}
+
+/* Mark the pages of the first len device-writable bytes of the chain at head
+ * (what a completion of length len wrote).  The chain was checked when it was
+ * popped; this walk is bounded again all the same, and stops quietly at
+ * anything odd (the driver changing a chain it handed over hurts only it). */
+static void log_chain(struct tn_log *log, const struct tn_vq *vq, uint32_t head, uint32_t len)
+{
+    const uint8_t *table = vq->desc;
+    uint32_t table_len = vq->size, idx = head, ttl = vq->size;
+    int in_indirect = 0;
+    if (head >= vq->size)
+        return;
+    while (len > 0) {
+        const uint8_t *d = table + 16u * idx;
+        uint64_t addr = ld64(d);
+        uint32_t dlen = ld32(d + 8);
+        uint16_t flags = ld16(d + 12), next = ld16(d + 14);
+        if (flags & DESC_F_INDIRECT) {
+            if (in_indirect || dlen < 16 || dlen / 16 > 0xffff)
+                return;
+            table = tn_mem_gpa(vq->mem, addr, dlen);
+            if (table == NULL)
+                return;
+            table_len = ttl = dlen / 16;
+            idx = 0;
+            in_indirect = 1;
+            continue;
+        }
+        if (flags & DESC_F_WRITE) {
+            uint32_t take = dlen < len ? dlen : len;
+            tn_log_mark(log, addr, take);
+            len -= take;
+        }
+        if (!(flags & DESC_F_NEXT) || --ttl == 0 || next >= table_len)
+            return;
+        idx = next;
+    }
+}
+
+static inline void log_used(struct tn_log *log, const struct tn_vq *vq, uint64_t off, uint64_t len)
+{
+    tn_log_mark(log, vq->used_log + off, len);
+}
+
 void tn_vq_publish(struct tn_vq *vq)
 {
+    struct tn_log *log = vq_log(vq);
+    if (log != NULL) {
+        /* entries pushed since the last publish: from the index we last stored */
+        uint16_t from = ld16(vq->used + 2), n = (uint16_t)(vq->used_idx - from);
+        if (n > vq->size) {
+            from = (uint16_t)(vq->used_idx - vq->size);
+            n = vq->size;
+        }
+        for (uint16_t i = 0; i < n; i++) {
+            uint32_t slot = (uint16_t)(from + i) % vq->size;
+            const uint8_t *e = vq->used + 4 + 8u * slot;
+            log_chain(log, vq, ld32(e), ld32(e + 4));
+            log_used(log, vq, 4 + 8u * slot, 8);
+        }
+    }
     st16_release(vq->used + 2, vq->used_idx);
+    if (log != NULL)
+        log_used(log, vq, 2, 2);
 }
 
 /* Does the guest want an interrupt for what was published since the last one? */
@@ -417,10 +487,16 @@ int tn_vq_enable_notify(struct tn_vq *vq)
     if (vq->desc == NULL || vq->broken)
         return 0;
     uint16_t seen = seen_avail(vq);
-    if (vq->event_idx)
+    struct tn_log *log = vq_log(vq);
+    if (vq->event_idx) {
         st16(vq->used + 4 + 8u * vq->size, seen);
-    else
+        if (log != NULL)
+            log_used(log, vq, 4 + 8u * vq->size, 2);
+    } else {
         st16(vq->used, ld16(vq->used) & ~USED_F_NO_NOTIFY);
+        if (log != NULL)
+            log_used(log, vq, 0, 2);
+    }
     full_fence();
     return avail_news(vq, seen);
 }
@@ -455,6 +531,9 @@ void tn_vq_disable_notify(struct tn_vq *vq)
     if (vq->desc == NULL || vq->event_idx)
         return;
     st16(vq->used, ld16(vq->used) | USED_F_NO_NOTIFY);
+    struct tn_log *log = vq_log(vq);
+    if (log != NULL)
+        log_used(log, vq, 0, 2);
 }
 
 /* ---- copies -------------------------------------------------------------- */

@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <sys/uio.h>
 
+#include "dirtylog.h"
 #include "flows.h"
 
 #define TN_MAX_REGIONS 64
@@ -50,6 +51,9 @@ struct tn_region {
 struct tn_mem {
     uint32_t nregions;
     struct tn_region regions[64];
+    /* The dirty log while the VMM asks for one (LOG_ALL acked, SET_LOG_BASE
+     * mapped), else NULL: every write into guest memory is then marked. */
+    struct tn_log *log;
 };
 
 struct tn_vq {
@@ -73,6 +77,11 @@ struct tn_vq {
     uint16_t short_from;
     uint16_t short_at;
     uint8_t short_valid;
+    /* Dirty logging: the memory table whose log to mark (set by tn_vq_setup),
+     * and the guest address the used ring is logged at (its own, or the
+     * SET_VRING_ADDR log address with VHOST_VRING_F_LOG). */
+    const struct tn_mem *mem;
+    uint64_t used_log;
 };
 
 /* One popped chain as a flat iovec list (readable first, then writable). */
@@ -147,6 +156,10 @@ void tn_vq_rewind(struct tn_vq *vq, uint16_t n);
  * copied.  Returns chains discarded or TN_E_*. */
 int tn_vq_discard(struct tn_vq *vq, const struct tn_mem *m, int dir, uint32_t max);
 void tn_vq_push(struct tn_vq *vq, uint16_t head, uint32_t len);
+/* Store the used index.  While the dirty log is on, first mark every page the
+ * entries pushed since the last publish wrote (each chain's first len
+ * writable bytes, and the used entries), then the index: all writes into
+ * guest memory end here, whatever path laid the data. */
 void tn_vq_publish(struct tn_vq *vq);
 int tn_vq_needs_notify(struct tn_vq *vq);
 /* Ask the driver to kick when it makes buffers available; 1 when some are

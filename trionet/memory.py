@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from trionet.dirtylog import DirtyLog
 from trionet.errors import GuestMemoryError, RemoteProtocolError
 from trionet.native import ffi, lib
 
@@ -115,6 +116,7 @@ class GuestMemory:
         self.table: Any = ffi.new("struct tn_mem *")
         self._maps: list[_Mapping] = []
         self.generation = 0  # bumped on every change: rings re-translate
+        self.log = DirtyLog(self.table)  # live migration's dirty bitmap
 
     @property
     def regions(self) -> tuple[RegionSpec, ...]:
@@ -200,6 +202,7 @@ class GuestMemory:
         raise RemoteProtocolError(f"no memory region at gpa={spec.guest_addr:#x} to remove")
 
     def clear(self) -> None:
+        self.log.close()
         old = self._maps
         self._publish([])
         for m in old:

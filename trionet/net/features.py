@@ -32,6 +32,7 @@ CTRL_MAC_ADDR = 23
 
 # transport features (§6)
 NOTIFY_ON_EMPTY = 24
+LOG_ALL = 26  # vhost's VHOST_F_LOG_ALL: dirty-page logging for live migration
 ANY_LAYOUT = 27
 RING_INDIRECT_DESC = 28
 RING_EVENT_IDX = 29
@@ -90,6 +91,7 @@ BASE_FEATURES = mask(
     MTU,
     MAC,
     VHOST_USER_PROTOCOL_FEATURES,
+    LOG_ALL,
 )
 
 

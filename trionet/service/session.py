@@ -112,6 +112,7 @@ class Session:
         self._host_applied = False  # the backend has not been told a count yet
         self.stack = backend.stack if isinstance(backend, UserBackend) else None
         self.rings_broken = 0
+        self.announces = 0  # SEND_RARP requests (after a migration)
         self.on_change: Callable[[], None] | None = None  # the active pair count changed
         self._draining = False
         self.error: str | None = None  # why the VMM's connection failed, if it did
@@ -293,6 +294,9 @@ class Session:
     def _announce(self, mac: bytes) -> None:
         """SEND_RARP: broadcast a RARP for the guest's MAC on the host side, so
         switches learn where the (migrated) guest now is."""
+        self.announces += 1
+        if self.stack is not None and self.stack.guest_mac is None:
+            self.stack.guest_mac = mac  # the user stack has no switch: it learns the MAC
         fd = self._tap_fd(0)
         if fd is None:
             log.info("SEND_RARP for %s: no host link to announce on", mac.hex(":"))
@@ -505,6 +509,7 @@ class Session:
             "max_pairs": self.max_pairs,
             "features": F.names(self.proto.features),
             "device_status": self.proto.status,
+            "announces": self.announces,
             "active_changes": [{"count": n, "cause": c} for n, c in self.active_changes[-20:]],
             "flows": self.flows.stats(),
             **({"user": self.stack.status()} if self.stack is not None else {}),
@@ -542,6 +547,7 @@ _QUIESCE = frozenset(
         m.SetVringCall,
         m.SetVringErr,
         m.SetFeatures,
+        m.SetLogBase,
         m.SetStatus,
         m.ResetOwner,
         m.ResetDevice,

@@ -42,6 +42,7 @@ OFFERED_PROTOCOL_FEATURES = (
     | ProtocolFeature.STATUS
     | ProtocolFeature.RARP
     | ProtocolFeature.MTU
+    | ProtocolFeature.LOG_SHMFD
 )
 
 
@@ -188,6 +189,12 @@ class BackendProtocol:
             raise RemoteProtocolError(
                 f"SET_FEATURES acks features we did not offer: {F.names(extra)}"
             )
+        self.memory.log.set_active(F.has(req.features, F.LOG_ALL))
+        if self.features_set and self.features ^ req.features == F.bit(F.LOG_ALL):
+            # QEMU toggles LOG_ALL around a migration on a running device: the
+            # rings, the driver's choices and the host side stay as they are
+            self.features = req.features
+            return
         self.features = req.features
         self.features_set = True
         self.events.features_set = True
@@ -247,8 +254,28 @@ class BackendProtocol:
 
     def _set_vring_addr(self, req: m.SetVringAddr) -> None:
         self._vring(req.index).set_addresses(
-            RingAddresses(req.desc_user_addr, req.avail_user_addr, req.used_user_addr, req.flags)
+            RingAddresses(
+                req.desc_user_addr,
+                req.avail_user_addr,
+                req.used_user_addr,
+                req.flags,
+                req.log_guest_addr,
+            )
         )
+
+    def _set_log_base(self, req: m.SetLogBase) -> bytes:
+        try:
+            self.memory.log.set_base(req.size, req.offset, req.fd)
+        except RemoteProtocolError as exc:
+            # the VMM waits for this reply whatever REPLY_ACK says: a u64 1 in
+            # place of the empty success reply says "refused"
+            exc.reply = m.encode_reply_u64(Request.SET_LOG_BASE, 1)
+            exc.fatal = False
+            raise
+        return m.encode_reply_payload(Request.SET_LOG_BASE, b"")
+
+    def _set_log_fd(self, req: m.SetLogFd) -> None:
+        self._retire(req.fd)  # nothing to signal: trionet marks the log synchronously
 
     def _set_vring_base(self, req: m.SetVringBase) -> None:
         self._vring(req.index).set_base(req.num)
@@ -362,6 +389,8 @@ _DISPATCH: dict[type, Callable[[BackendProtocol, Any], bytes | None]] = {
     m.SetVringErr: BackendProtocol._set_vring_err,
     m.SetVringEnable: BackendProtocol._set_vring_enable,
     m.SendRarp: BackendProtocol._send_rarp,
+    m.SetLogBase: BackendProtocol._set_log_base,
+    m.SetLogFd: BackendProtocol._set_log_fd,
     m.NetSetMtu: BackendProtocol._net_set_mtu,
     m.SetStatus: BackendProtocol._set_status,
     m.GetStatus: BackendProtocol._get_status,
@@ -376,11 +405,12 @@ _REPLIES_ITSELF = frozenset(
         Request.GET_MAX_MEM_SLOTS,
         Request.GET_VRING_BASE,
         Request.GET_STATUS,
+        Request.SET_LOG_BASE,
     }
 )
 
 # GuestMemory closes the fds of these whether or not the request succeeds
-_CLOSES_ITS_FDS = frozenset({m.SetMemTable, m.AddMemReg})
+_CLOSES_ITS_FDS = frozenset({m.SetMemTable, m.AddMemReg, m.SetLogBase})
 
 _U64_FAILURE = m.U64_STRUCT.pack(1)
 

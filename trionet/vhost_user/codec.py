@@ -74,6 +74,7 @@ _ONE_U64 = frozenset({_U64})
 _VRING_STATE = frozenset({m.VRING_STATE_STRUCT.size})
 _VRING_ADDR = frozenset({m.VRING_ADDR_STRUCT.size})
 _SINGLE_REGION = frozenset({m.SINGLE_MEM_REGION_STRUCT.size})
+_LOG = frozenset({m.LOG_STRUCT.size})
 #: SET_MEM_TABLE carries only ``nregions`` entries (QEMU, DPDK and rust-vmm agree).
 _MEM_TABLE = frozenset(
     m.MEM_TABLE_HEADER_STRUCT.size + n * MEM_REGION_SIZE
@@ -188,6 +189,15 @@ def _build_send_rarp(payload: bytes, fds: tuple[int, ...], need_reply: bool) -> 
     return m.SendRarp(payload[:6], need_reply)
 
 
+def _build_set_log_base(payload: bytes, fds: tuple[int, ...], need_reply: bool) -> m.SetLogBase:
+    size, offset = m.LOG_STRUCT.unpack(payload)
+    return m.SetLogBase(size, offset, fds[0], need_reply)
+
+
+def _build_set_log_fd(payload: bytes, fds: tuple[int, ...], need_reply: bool) -> m.SetLogFd:
+    return m.SetLogFd(fds[0], need_reply)
+
+
 def _build_set_status(payload: bytes, fds: tuple[int, ...], need_reply: bool) -> m.SetStatus:
     (value,) = m.U64_STRUCT.unpack(payload)
     if value > 0xFF:
@@ -223,6 +233,8 @@ _LAYOUTS: dict[int, _Layout] = {
     Request.SET_VRING_ENABLE: _Layout(_VRING_STATE, _no_fds, _build_set_vring_enable),
     Request.SEND_RARP: _Layout(_ONE_U64, _no_fds, _build_send_rarp),
     Request.NET_SET_MTU: _Layout(_ONE_U64, _no_fds, _u64(m.NetSetMtu)),
+    Request.SET_LOG_BASE: _Layout(_LOG, _one_fd, _build_set_log_base),
+    Request.SET_LOG_FD: _Layout(_EMPTY, _one_fd, _build_set_log_fd),
     Request.RESET_DEVICE: _Layout(_EMPTY, _no_fds, _empty(m.ResetDevice)),
     Request.GET_MAX_MEM_SLOTS: _Layout(_EMPTY, _no_fds, _empty(m.GetMaxMemSlots)),
     Request.ADD_MEM_REG: _Layout(_SINGLE_REGION, _one_fd, _build_add_mem_reg),

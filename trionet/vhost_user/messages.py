@@ -52,6 +52,8 @@ MEM_TABLE_HEADER_STRUCT = struct.Struct(STRUCT_PREFIX + "II")
 MEM_REGION_STRUCT = struct.Struct(STRUCT_PREFIX + "QQQQ")
 #: ADD_MEM_REG / REM_MEM_REG: u64 padding, then one region.
 SINGLE_MEM_REGION_STRUCT = struct.Struct(STRUCT_PREFIX + "QQQQQ")
+#: SET_LOG_BASE with LOG_SHMFD: mmap_size (u64), mmap_offset (u64).
+LOG_STRUCT = struct.Struct(STRUCT_PREFIX + "QQ")
 
 _U8_BITS, _U16_BITS, _U32_BITS, _U64_BITS = 8, 16, 32, 64
 
@@ -499,6 +501,46 @@ class SendRarp(_Request):
 
 
 @dataclass(frozen=True, slots=True)
+class SetLogBase(_Request):
+    """The dirty-page bitmap of a migration (LOG_SHMFD): ``size`` bytes of
+    ``fd`` from ``offset``.  Answered with an empty reply once mapped."""
+
+    REQUEST = Request.SET_LOG_BASE
+    size: int
+    offset: int
+    fd: int
+    need_reply: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_u("size", _U64_BITS)
+        self._check_u("offset", _U64_BITS)
+        _check_fd("SetLogBase", "fd", self.fd)
+        self._check_need_reply()
+
+    def payload(self) -> bytes:
+        return LOG_STRUCT.pack(self.size, self.offset)
+
+    def attached_fds(self) -> tuple[int, ...]:
+        return (self.fd,)
+
+
+@dataclass(frozen=True, slots=True)
+class SetLogFd(_Request):
+    """An eventfd to signal log syncs on (QEMU sends none; trionet needs none)."""
+
+    REQUEST = Request.SET_LOG_FD
+    fd: int
+    need_reply: bool = False
+
+    def __post_init__(self) -> None:
+        _check_fd("SetLogFd", "fd", self.fd)
+        self._check_need_reply()
+
+    def attached_fds(self) -> tuple[int, ...]:
+        return (self.fd,)
+
+
+@dataclass(frozen=True, slots=True)
 class NetSetMtu(_U64Payload):
     """The MTU to expose; whether it is acceptable is the session's call (it NACKs)."""
 
@@ -586,6 +628,8 @@ RequestMessage: TypeAlias = (
     | GetQueueNum
     | SetVringEnable
     | SendRarp
+    | SetLogBase
+    | SetLogFd
     | NetSetMtu
     | SetStatus
     | GetStatus

@@ -7,12 +7,17 @@ itself (bounded, range-checked) is the C core's ``tn_vq_*``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from trionet.errors import GuestMemoryError, RemoteProtocolError, RingError
 from trionet.memory import GuestMemory
 from trionet.native import ffi, lib, strerror
+from trionet.vhost_user.constants import VHOST_VRING_F_LOG
+
+log = logging.getLogger(__name__)
 
 MAX_QUEUE_SIZE = 32768
 
@@ -48,6 +53,7 @@ class RingAddresses:
     avail_user_addr: int
     used_user_addr: int
     flags: int = 0
+    log_guest_addr: int = 0  # where the used ring is logged, with VHOST_VRING_F_LOG
 
 
 class Vring:
@@ -110,6 +116,18 @@ class Vring:
         vq.indirect = 1 if features >> VIRTIO_RING_F_INDIRECT_DESC & 1 else 0
         vq.last_avail = self.base
         vq.used_idx = lib.tn_vq_used_idx_in_ring(vq)
+        if vq.used_idx != self.base:
+            # Chains the previous backend (a migration's source, a crashed
+            # trionet) took but never completed: every path here completes in
+            # order, so resume from the used index and take them again (as
+            # libvhost-user does for in-order queues); none is leaked.
+            log.info(
+                "vring %d: base %d but used index %d; resuming from the used index",
+                self.index,
+                self.base,
+                vq.used_idx,
+            )
+            vq.last_avail = vq.used_idx
         vq.signalled_valid = 0
         vq.broken = 0
         vq.error = 0
@@ -122,6 +140,7 @@ class Vring:
             self.attach(mem, features)
             return
         self.reattach(mem)
+        self._set_used_log(mem)
         self.vq.event_idx = 1 if features >> VIRTIO_RING_F_EVENT_IDX & 1 else 0
         self.vq.indirect = 1 if features >> VIRTIO_RING_F_INDIRECT_DESC & 1 else 0
 
@@ -150,11 +169,40 @@ class Vring:
             raise RingError(
                 f"vring {self.index}: ring of size {self.num} lies outside guest memory"
             )
+        self._set_used_log(mem)
+
+    def _set_used_log(self, mem: GuestMemory) -> None:
+        """Where the used ring's writes are marked in the dirty log: the log
+        address SET_VRING_ADDR gave with VHOST_VRING_F_LOG, else the used ring's
+        own guest address."""
+        a = self.addresses
+        if a is None or self.vq.desc == ffi.NULL:
+            return
+        if a.flags & VHOST_VRING_F_LOG:
+            self.vq.used_log = a.log_guest_addr
+            return
+        with contextlib.suppress(GuestMemoryError):  # re-translated (and failing) on attach
+            self.vq.used_log = mem.uva_to_gpa(a.used_user_addr)
 
     def stop(self) -> int:
-        """GET_VRING_BASE: stop the ring and return the next avail index."""
+        """GET_VRING_BASE: stop the ring and return the next avail index.
+
+        The index is consistent with the used ring as the guest (and a
+        migration's destination) sees it: entries pushed but not yet published
+        are published (and so logged) first, and since every path completes
+        chains in order, the base is the used index: a chain taken but not
+        completed is taken again by whoever resumes the ring."""
         if self.started and self.vq.desc != ffi.NULL:
-            self.base = int(self.vq.last_avail)
+            vq = self.vq
+            if not vq.broken and vq.used_idx != lib.tn_vq_used_idx_in_ring(vq):
+                lib.tn_vq_publish(vq)
+            if vq.last_avail != vq.used_idx:
+                log.info(
+                    "vring %d stopped with %d chains in flight; base is the used index",
+                    self.index,
+                    (vq.last_avail - vq.used_idx) & 0xFFFF,
+                )
+            self.base = int(vq.used_idx)
         self.started = False
         self.attached = False
         self.touch()
