@@ -154,19 +154,27 @@ static int append(struct tn_uoutq *q, uint8_t *buf, uint32_t len)
 }
 
 int tn_uout_put_tcp(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
-                    uint16_t window, uint8_t flags, uint32_t len)
+                    uint16_t window, uint8_t flags, uint32_t len, uint32_t mss)
 {
-    if (len == 0 || len > TN_MAX_FRAME)
+    if (len == 0 || mss == 0 || mss > TN_MAX_FRAME)
         return -EINVAL;
-    struct tn_tcp_entry *e = tn_tcp_entry_new(c, seq, ack, window, flags, len);
-    if (e == NULL)
-        return -ENOMEM;
+    int queued = 0;
     pthread_mutex_lock(qlock(q));
-    int ok = append(q, (uint8_t *)e, TN_UOUT_LAZY | len);
+    for (uint32_t off = 0; off < len; off += mss) {
+        uint32_t chunk = len - off < mss ? len - off : mss;
+        uint8_t f = off + chunk < len ? (uint8_t)(flags & ~TN_TCP_PSH) : flags;
+        struct tn_tcp_entry *e = tn_tcp_entry_new(c, seq + off, ack, window, f, chunk);
+        if (e == NULL) {
+            pthread_mutex_unlock(qlock(q));
+            return queued ? queued : -ENOMEM;
+        }
+        if (append(q, (uint8_t *)e, TN_UOUT_LAZY | chunk))
+            queued++;
+        else
+            tn_tcp_entry_free(e);  /* full: counted in dropped, as are the rest */
+    }
     pthread_mutex_unlock(qlock(q));
-    if (!ok)
-        tn_tcp_entry_free(e);
-    return ok;
+    return queued;
 }
 
 int tn_uout_put(struct tn_uoutq *q, const uint8_t *frame, uint32_t len)

@@ -99,15 +99,18 @@ uint32_t tn_tcpc_pause(struct tn_tcpc *c);
 void tn_tcpc_resume(struct tn_tcpc *c, uint32_t rcv_nxt, uint32_t snd_una, uint16_t window_field,
                     int fast);
 
-/* Queue a data entry: len bytes (> 0) at sequence number seq of c's stream,
- * with ack, the window field and flags as given.  1, 0 when the queue is full
- * (counted in dropped), or -EINVAL. */
+/* Queue data entries for len bytes (> 0) at sequence number seq of c's
+ * stream, one per segment of at most mss bytes, with ack and the window field
+ * as given; flags on the last segment, without PSH on the others.  Returns how
+ * many were queued (those that found the queue full are counted in dropped),
+ * -EINVAL or -ENOMEM. */
 int tn_uout_put_tcp(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
-                    uint16_t window, uint8_t flags, uint32_t len);
+                    uint16_t window, uint8_t flags, uint32_t len, uint32_t mss);
 
 /* cdef-skip */
 /* For the outbox (userpair.c): a data entry, flagged in the outbox's len[]. */
 #define TN_UOUT_LAZY 0x80000000u
+#define TN_TCP_PSH 0x08
 struct tn_vq;
 struct tn_mem;
 struct tn_scratch;

@@ -67,8 +67,9 @@ class Wire:
     ) -> None:
         self.out.append((flags, seq, ack, window, payload))
 
-    def data(self, flags: int, seq: int, ack: int, window: int, length: int) -> None:
-        self.sent.append((seq, length))
+    def data(self, flags: int, seq: int, ack: int, window: int, length: int, mss: int) -> None:
+        for off in range(0, length, mss):
+            self.sent.append((seq + off, min(mss, length - off)))
 
 
 def established(host: Host) -> tuple[T.TcpConn, Wire]:

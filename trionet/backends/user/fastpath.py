@@ -388,14 +388,18 @@ class Outbox:
             raise OSError(-rc, f"outbox: {os.strerror(-rc)}")
         return rc == 1
 
-    def put_tcp(self, conn: Any, seq: int, ack: int, window: int, flags: int, length: int) -> bool:
-        """Queue a TCP data segment of connection ``conn`` (a ``struct
-        tn_tcpc *``): its ``length`` bytes are peeked from the socket when the
-        frame is laid (``usertcp.h``).  False when the outbox is full."""
-        rc = int(lib.tn_uout_put_tcp(self.cdata, conn, seq, ack, window, flags, length))
+    def put_tcp(
+        self, conn: Any, seq: int, ack: int, window: int, flags: int, length: int, mss: int
+    ) -> int:
+        """Queue ``length`` bytes of connection ``conn``'s stream (a ``struct
+        tn_tcpc *``) from ``seq`` as data segments of at most ``mss`` bytes,
+        ``flags`` on the last: the bytes are peeked from the socket when the
+        frames are laid (``usertcp.h``).  How many segments were queued (the
+        rest found the outbox full)."""
+        rc = int(lib.tn_uout_put_tcp(self.cdata, conn, seq, ack, window, flags, length, mss))
         if rc < 0:
             raise OSError(-rc, f"outbox: {os.strerror(-rc)}")
-        return rc == 1
+        return rc
 
     def move_to(self, other: Outbox) -> int:
         """Move every frame to the back of ``other``; returns how many fit."""

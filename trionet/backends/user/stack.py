@@ -30,7 +30,7 @@ from trionet.backends.user.fastpath import Outbox, SlowFrames, UdpFastPath
 from trionet.backends.user.fwd import guest_address
 from trionet.backends.user.icmp import IcmpFlows
 from trionet.backends.user.ndp import handle_ndp, unsolicited_ra
-from trionet.backends.user.tcp import TcpFlows
+from trionet.backends.user.tcp import TcpFlows, superseded_acks
 from trionet.backends.user.udp import UdpFlows
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,13 @@ class UserStack:
         """After a native TX batch: acknowledge the TCP data it sent, and
         dispatch the frames it handed over (emptying ``slow``)."""
         self.tcp.take_fast()
-        for f in slow.drain():
-            self.guest_frame(f.frame, f.pair, f.flags)
+        frames = slow.drain()
+        skip = superseded_acks([f.frame for f in frames]) if len(frames) > 1 else ()
+        if skip:
+            self.tcp.stats["acks_coalesced"] += len(skip)
+        for i, f in enumerate(frames):
+            if i not in skip:
+                self.guest_frame(f.frame, f.pair, f.flags)
 
     def guest_frame(self, frame: bytes, pair: int, flags: int = 0) -> None:
         """One frame the guest sent on ``pair`` (no virtio-net header)."""

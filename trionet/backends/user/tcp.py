@@ -35,6 +35,7 @@ import socket
 import struct
 import termios
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ from trionet.backends.user.tcp_conn import (
     State,
     TcpConn,
     parse_segment,
+    seq_lt,
 )
 
 if TYPE_CHECKING:
@@ -217,10 +219,60 @@ class GuestWire:
         frame = self.template.frame(flags, seq, ack, window, payload, options)
         self.stack.to_guest(frame, self.pair)
 
-    def data(self, flags: int, seq: int, ack: int, window: int, length: int) -> None:
+    def data(self, flags: int, seq: int, ack: int, window: int, length: int, mss: int) -> None:
         box = self.stack.outboxes[self.stack.home(self.pair)]
-        if not box.put_tcp(self.native, seq, ack, window, flags, length):
-            self.stack.drops["rx_outbox_full"] += 1
+        missing = -(-length // mss) - box.put_tcp(self.native, seq, ack, window, flags, length, mss)
+        if missing:
+            self.stack.drops["rx_outbox_full"] += missing
+
+
+def superseded_acks(frames: Sequence[bytes]) -> set[int]:
+    """Indexes of pure ACKs in one batch of guest frames that a later pure ACK
+    of the same connection supersedes: same sequence number, a strictly higher
+    acknowledgment, and no other segment of that connection in between.  Only
+    the later one needs handling (cumulative ACKs; its window is the newer);
+    duplicate ACKs (equal numbers) are all kept for fast retransmit.  Under
+    load the guest's ACKs pile up in a batch, and the stack's work per batch
+    stays one ACK per connection.  Read from the raw bytes (IPv4 without
+    options, IPv6 without extension headers, a 20-byte TCP header); a TCP
+    frame of any other shape ends coalescing for the batch."""
+    later: dict[bytes, tuple[int, int]] = {}  # connection -> (seq, ack) of its next frame
+    out: set[int] = set()
+    for i in range(len(frames) - 1, -1, -1):
+        f = frames[i]
+        if len(f) < 54:
+            continue
+        if f[12:14] == b"\x08\x00":
+            if f[23] != P.IPPROTO_TCP:
+                continue
+            if f[14] != 0x45:
+                later.clear()
+                continue
+            key, th, pure = f[26:38], 34, f[16:18] == b"\x00\x28"
+        elif f[12:14] == b"\x86\xdd" and len(f) >= 74:
+            if f[20] != P.IPPROTO_TCP:
+                if f[20] in _V6_EXTENSIONS:
+                    later.clear()
+                continue
+            key, th, pure = f[22:58], 54, f[18:20] == b"\x00\x14"
+        else:
+            continue
+        pure = pure and f[th + 12] == 0x50 and f[th + 13] == ACK
+        if not pure:
+            later.pop(key, None)  # a segment of its own: nothing before it is coalesced
+            continue
+        seq, ack = struct.unpack_from("!II", f, th + 4)
+        nxt = later.get(key)
+        if nxt is not None and nxt[0] == seq and seq_lt(ack, nxt[1]):
+            out.add(i)
+        else:
+            later[key] = (seq, ack)
+    return out
+
+
+# IPv6 next-header values that precede a transport header (hop-by-hop,
+# routing, fragment, destination options, AH, ESP, mobility)
+_V6_EXTENSIONS = frozenset((0, 43, 44, 60, 51, 50, 135))
 
 
 @dataclass(eq=False)

@@ -227,9 +227,10 @@ class Wire(Protocol):
         self, flags: int, seq: int, ack: int, window: int, payload: bytes, options: bytes
     ) -> None: ...
 
-    def data(self, flags: int, seq: int, ack: int, window: int, length: int) -> None:
-        """A segment carrying ``length`` bytes of the host stream from ``seq``
-        (taken from the host socket's receive queue, at ``seq - snd_una``)."""
+    def data(self, flags: int, seq: int, ack: int, window: int, length: int, mss: int) -> None:
+        """Segments of at most ``mss`` bytes carrying ``length`` bytes of the
+        host stream from ``seq`` (taken from the host socket's receive queue,
+        at ``seq - snd_una``); ``flags`` on the last, without PSH on the others."""
 
 
 # ---- the connection --------------------------------------------------------------------
@@ -541,14 +542,9 @@ class TcpConn:
     def _send_data(self, size: int) -> int:
         """``size`` bytes from ``snd_nxt`` in segments of at most one MSS; how
         many segments."""
-        mss, n = self.mss, 0
-        window = self._window()
-        for off in range(0, size, mss):
-            chunk = min(mss, size - off)
-            flags = ACK | PSH if off + mss >= size else ACK
-            self.wire.data(flags, self.snd_nxt, self.rcv_nxt, window, chunk)
-            self.snd_nxt = (self.snd_nxt + chunk) & MASK
-            n += 1
+        self.wire.data(ACK | PSH, self.snd_nxt, self.rcv_nxt, self._window(), size, self.mss)
+        self.snd_nxt = (self.snd_nxt + size) & MASK
+        n = -(-size // self.mss)
         if seq_lt(self.snd_max, self.snd_nxt):
             self.bytes_to_guest += seq_diff(self.snd_nxt, self.snd_max)
             self.snd_max = self.snd_nxt
