@@ -90,3 +90,24 @@ async def test_kernels_without_so_peek_off_peek_past_a_discard_buffer(
             wire.send(seg("A", conn.seq, conn.ack + len(got), dport=conn.port))
     assert bytes(got) == blob
     conn.server.close()
+
+
+async def test_a_run_is_cut_to_the_mss_in_order_with_push_on_its_last_segment(
+    autojump_clock: trio.abc.Clock, stack: UserStack, listener: trio.socket.SocketType
+) -> None:
+    """The stack queues what the window allows with one call; the native side
+    cuts it into MSS-sized entries, PSH on the last only."""
+    wire = Wire(stack)
+    conn = await connect(wire, listener, mss=1000)
+    await conn.server.send(PAYLOAD)
+    await queued(stack, 4)
+    frames = [f[TCP] for f in wire.pending() if TCP in f and data(f[TCP])]
+    assert [(s.seq - conn.ack, len(data(s))) for s in frames] == [
+        (0, 1000),
+        (1000, 1000),
+        (2000, 1000),
+        (3000, 72),
+    ]
+    assert [str(s.flags) for s in frames] == ["A", "A", "A", "PA"]
+    assert b"".join(data(s) for s in frames) == PAYLOAD
+    conn.server.close()
