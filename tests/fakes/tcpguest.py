@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -142,7 +142,9 @@ class GuestNet:
             conn.accept(t)
             chan.send_nowait(conn)
             return conn
-        conn.pair = pair
+        conn.rx_pairs[pair] += 1
+        if conn.follow:  # replies go out on the queue the last segment came in on
+            conn.pair = pair
         conn.on_segment(t)
         return conn
 
@@ -163,6 +165,8 @@ class GuestConn:
     def __init__(self, net: GuestNet, pair: int, lport: int, raddr: str, rport: int) -> None:
         self.net = net
         self.pair = pair
+        self.follow = True
+        self.rx_pairs: Counter[int] = Counter()  # segments received, by pair
         self.lport, self.raddr, self.rport = lport, raddr, rport
         self.iss = int.from_bytes(os.urandom(4), "big")
         self.snd_una = self.snd_nxt = self.snd_max = self.iss
