@@ -331,10 +331,10 @@ async def test_guest_reordering_and_duplicates(
     wire.send(seg("PA", conn.seq + 100, conn.ack, b, dport=conn.port))  # ahead of a gap
     dup = await wire.tcp()
     assert dup.ack == conn.seq  # nothing taken
-    wire.send(conn.frame("PA", a))
-    assert (await wire.tcp()).ack == conn.seq + 100
+    wire.send(conn.frame("PA", a))  # fills the gap: what was held past it goes too
+    assert (await wire.tcp()).ack == conn.seq + 200
     wire.send(conn.frame("PA", a))  # duplicate: acknowledged again, not delivered twice
-    assert (await wire.tcp()).ack == conn.seq + 100
+    assert (await wire.tcp()).ack == conn.seq + 200
     wire.send(seg("PA", conn.seq + 50, conn.ack, a[:50] + b[:50], dport=conn.port))  # overlap
     wire.send(seg("PA", conn.seq + 100, conn.ack, b, dport=conn.port))
     assert await recv_exactly(conn.server, 200) == a + b

@@ -49,12 +49,10 @@ from trionet.backends.user.tcp_conn import (
     ACK,
     RST,
     SYN,
-    Segment,
     State,
     TcpConn,
-    parse_segment,
-    seq_lt,
 )
+from trionet.backends.user.tcp_segment import Segment, parse_segment, seq_lt
 
 if TYPE_CHECKING:
     from trionet.backends.user.stack import UserStack
@@ -532,6 +530,9 @@ class TcpFlows:
             self.stats[name] += getattr(conn, name)
         self.stats["rst_to_guest"] += flow.wire.rsts
         flow.wire.rsts = 0
+        self.stats["held_past_gap"] += conn.reasm.queued
+        self.stats["held_refused"] += conn.reasm.refused
+        conn.reasm.clear()
         if flow.ep.fileno() >= 0:
             trio.lowlevel.notify_closing(flow.ep.fileno())
             flow.ep.close()
@@ -643,6 +644,7 @@ class TcpFlows:
                 "in_flight": (f.conn.snd_nxt - f.conn.snd_una) & 0xFFFFFFFF,
                 "guest_window": f.conn.snd_wnd,
                 "window_to_guest": f.conn.wnd_sent,
+                "held_past_gap": f.conn.reasm.bytes,
             }
             for f in self.flows.values()
         ]

@@ -33,17 +33,23 @@ the connection.
 from __future__ import annotations
 
 import enum
-import struct
-from dataclasses import dataclass
 from typing import Protocol
 
 from trionet.backends.user import packets as P
+from trionet.backends.user.tcp_segment import (
+    MASK,
+    Reassembly,
+    Segment,
+    seq_diff,
+    seq_le,
+    seq_lt,
+    syn_options,
+)
 
 FIN, SYN, RST, PSH, ACK = P.TCP_FIN, P.TCP_SYN, P.TCP_RST, P.TCP_PSH, P.TCP_ACK
 
 MSS_DEFAULT = 536  # RFC 9293 §3.7.1, when the SYN carries no MSS option
 OUR_WSCALE = 8  # window scale we offer: windows up to 16 MiB
-MAX_WSCALE = 14
 RTO_INIT = 1.0  # s, RFC 6298
 RTO_MAX = 60.0
 MAX_RETRIES = 7  # retransmissions before the connection is reset (about 2 minutes)
@@ -52,88 +58,6 @@ KEEPALIVE_INTERVAL = 30.0  # s of guest silence before a keepalive probe
 IDLE_TIMEOUT = 7200.0  # s without any activity: reset (passt's INACTIVITY_INTERVAL)
 BLOCKED_RETRY = 0.01  # s: the wire was full, try again then
 WINDOW_RETRY = 0.02  # s: a zero window we advertised is looked at again this often
-MASK = 0xFFFFFFFF
-
-
-def seq_lt(a: int, b: int) -> bool:
-    return ((a - b) & MASK) > 0x7FFFFFFF
-
-
-def seq_le(a: int, b: int) -> bool:
-    return a == b or seq_lt(a, b)
-
-
-def seq_diff(a: int, b: int) -> int:
-    """``a - b`` in sequence space (both within 2**31 of each other)."""
-    d = (a - b) & MASK
-    return d - (1 << 32) if d > 0x7FFFFFFF else d
-
-
-# ---- the segment as the guest sent it ---------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    seq: int
-    ack: int
-    flags: int
-    window: int  # as on the wire, unscaled
-    payload: bytes
-    mss: int | None = None  # options, read from SYN segments only
-    wscale: int | None = None
-
-    @property
-    def seg_len(self) -> int:
-        """Sequence space the segment occupies (SYN and FIN count one)."""
-        return len(self.payload) + bool(self.flags & SYN) + bool(self.flags & FIN)
-
-
-def parse_segment(pkt: P.Packet) -> Segment:
-    """The TCP fields of a parsed frame (``packets.parse`` checked lengths)."""
-    seg = pkt.l4
-    if len(seg) < 20:
-        raise P.Drop("short_tcp")
-    seq, ack, off, flags, window = struct.unpack_from("!IIBBH", seg, 4)
-    hlen = (off >> 4) * 4
-    mss = wscale = None
-    if flags & SYN and hlen > 20:
-        mss, wscale = _syn_options(seg[20:hlen])
-    if flags & SYN and flags & (FIN | RST):
-        raise P.Drop("tcp_flags")
-    return Segment(seq, ack, flags, window, pkt.payload, mss, wscale)
-
-
-def _syn_options(opts: bytes) -> tuple[int | None, int | None]:
-    """MSS and window scale from a SYN's options; others (SACK, timestamps)
-    are ignored, and a malformed list ends the walk."""
-    mss = wscale = None
-    i = 0
-    while i < len(opts):
-        kind = opts[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= len(opts) or opts[i + 1] < 2 or i + opts[i + 1] > len(opts):
-            break
-        size = opts[i + 1]
-        if kind == 2 and size == 4:
-            mss = struct.unpack_from("!H", opts, i + 2)[0]
-        elif kind == 3 and size == 3:
-            wscale = min(opts[i + 2], MAX_WSCALE)
-        i += size
-    return mss, wscale
-
-
-def syn_options(mss: int, wscale: int | None) -> bytes:
-    """Our SYN options: MSS, and window scale when offered (padded with NOP)."""
-    out = struct.pack("!BBH", 2, 4, mss)
-    if wscale is not None:
-        out += struct.pack("!BBBB", 1, 3, 3, wscale)
-    return out
-
-
 # ---- states --------------------------------------------------------------------------
 
 
@@ -256,7 +180,9 @@ class TcpConn:
         self.rcv_nxt = 0
         self.ws_to_guest = 0
         self.wnd_sent = 0  # window last advertised, bytes
+        self.rcv_edge = 0  # the furthest right edge advertised (rcv_nxt + window)
         self.guest_fin = False
+        self.reasm = Reassembly()  # guest data past a gap
         # timers and flags
         self.retries = 0
         self.rto_at: float | None = None
@@ -295,7 +221,7 @@ class TcpConn:
     def guest_syn(self, seg: Segment) -> None:
         """The guest's SYN that created the connection (state CONNECTING)."""
         self.irs = seg.seq
-        self.rcv_nxt = (seg.seq + 1) & MASK
+        self.rcv_nxt = self.rcv_edge = (seg.seq + 1) & MASK
         self._take_syn_options(seg, offered=seg.wscale is not None)
 
     def _take_syn_options(self, seg: Segment, *, offered: bool) -> None:
@@ -325,6 +251,8 @@ class TcpConn:
         flags = SYN if inbound else SYN | ACK
         window = min(self._space(), 0xFFFF)
         self.wnd_sent = window
+        if not inbound:
+            self.rcv_edge = (self.rcv_nxt + window) & MASK
         self.wire.segment(flags, self.iss, self.rcv_nxt if not inbound else 0, window, b"", opts)
         self.snd_nxt = self.snd_max = (self.iss + 1) & MASK
         self.rto_at = now + self._rto()
@@ -384,6 +312,8 @@ class TcpConn:
         self.bytes_from_guest += n
         self.last_guest = self.last_activity = self.keepalive_at = now
         self.ack_due = True
+        if self.reasm:
+            self._deliver_held()
 
     def _guest_rst(self, seg: Segment) -> None:
         """Accepted when in the receive window (RFC 9293 §3.10.7.4); in
@@ -406,7 +336,7 @@ class TcpConn:
             self.wire.segment(RST, seg.ack, 0, 0, b"", b"")
             return
         self.irs = seg.seq
-        self.rcv_nxt = (seg.seq + 1) & MASK
+        self.rcv_nxt = self.rcv_edge = (seg.seq + 1) & MASK
         self._take_syn_options(seg, offered=True)
         self.snd_una = seg.ack
         self.rto_at = None
@@ -463,7 +393,13 @@ class TcpConn:
             return
         offset = seq_diff(self.rcv_nxt, seg.seq)
         if offset < 0:
-            self._send_ack()  # a gap: duplicate ACK, the guest retransmits
+            # a gap: held for when it fills (its FIN comes again), and a
+            # duplicate ACK so the guest retransmits what is missing
+            if seg.payload:
+                self.reasm.add(
+                    seg.seq, seg.payload, self.rcv_nxt, seq_diff(self.rcv_edge, self.rcv_nxt)
+                )
+            self._send_dup_ack()
             return
         data = seg.payload[offset:] if offset else seg.payload
         if data:
@@ -472,9 +408,16 @@ class TcpConn:
             self.bytes_from_guest += taken
             self.ack_due = True
             if taken < len(data):
+                # within the window we advertised, so held rather than sent
+                # again by the guest (the socket's memory is not all payload);
+                # acknowledged once the socket takes it.  A FIN comes again.
+                self.reasm.put_back(self.rcv_nxt, data[taken:])
                 self.want_write = True
                 self._send_ack()
-                return  # the FIN, if any, comes again with what was not taken
+                return
+            if self.reasm and not self._deliver_held():
+                self._send_ack()
+                return
         elif seg.payload:
             self._send_ack()  # all of it seen already
         if seg.flags & FIN:
@@ -582,6 +525,9 @@ class TcpConn:
             space = 0
         field = space >> self.ws_to_guest
         self.wnd_sent = field << self.ws_to_guest
+        edge = (self.rcv_nxt + self.wnd_sent) & MASK
+        if seq_lt(self.rcv_edge, edge):
+            self.rcv_edge = edge  # the right edge never moves back for what the guest sends
         if not field and not self.guest_fin:
             self.want_write = True
             if self.window_retry_at is None:
@@ -594,10 +540,33 @@ class TcpConn:
         self.wire.segment(ACK, self.snd_nxt, self.rcv_nxt, self._window(), b"", b"")
         self.ack_due = False
 
+    def _send_dup_ack(self) -> None:
+        """A duplicate ACK: the window field of the last ACK, unchanged, or the
+        guest does not count it as a duplicate (RFC 5681 §2) and waits for its
+        retransmission timer instead of retransmitting at the third."""
+        field = self.wnd_sent >> self.ws_to_guest
+        self.wire.segment(ACK, self.snd_nxt, self.rcv_nxt, field, b"", b"")
+
+    def _deliver_held(self) -> bool:
+        """Send the held data the stream has reached to the host socket;
+        False when the socket filled up (the rest stays held)."""
+        while (data := self.reasm.take(self.rcv_nxt)) is not None:
+            taken = self.host.send(data)
+            self.rcv_nxt = (self.rcv_nxt + taken) & MASK
+            self.bytes_from_guest += taken
+            self.ack_due = True
+            if taken < len(data):
+                self.reasm.put_back(self.rcv_nxt, data[taken:])
+                self.want_write = True
+                return False
+        return True
+
     def on_writable(self, now: float) -> None:
         """The host socket takes data again: tell the guest (window update)."""
         self.now = now
         self.want_write = False
+        if self.reasm and self.state in GUEST_MAY_SEND and self._deliver_held():
+            self._send_ack()
         if self.state in GUEST_MAY_SEND:
             before = self.wnd_sent
             if self._window() << self.ws_to_guest > before:

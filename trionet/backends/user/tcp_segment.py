@@ -1,0 +1,162 @@
+"""TCP segments from the guest: their fields and SYN options, sequence
+number arithmetic, and the data that arrived past a gap.
+
+Without holding segments past a gap, every segment behind a lost one is
+thrown away and the guest sends the whole flight again: with no SACK between
+us, NewReno repairs one segment per round trip and a bulk transfer stalls.
+Held, the guest's one retransmission fills the gap and one ACK covers all
+that followed (RFC 9293 §3.10.7.4: segments past RCV.NXT but within the
+window are kept for later processing).  Sans-IO.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from trionet.backends.user import packets as P
+
+FIN, SYN, RST = P.TCP_FIN, P.TCP_SYN, P.TCP_RST
+MAX_WSCALE = 14
+REASSEMBLY_LIMIT = 1 << 20  # bytes held past a gap per connection, at most
+MASK = 0xFFFFFFFF
+
+
+def seq_lt(a: int, b: int) -> bool:
+    return ((a - b) & MASK) > 0x7FFFFFFF
+
+
+def seq_le(a: int, b: int) -> bool:
+    return a == b or seq_lt(a, b)
+
+
+def seq_diff(a: int, b: int) -> int:
+    """``a - b`` in sequence space (both within 2**31 of each other)."""
+    d = (a - b) & MASK
+    return d - (1 << 32) if d > 0x7FFFFFFF else d
+
+
+# ---- the segment as the guest sent it ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    seq: int
+    ack: int
+    flags: int
+    window: int  # as on the wire, unscaled
+    payload: bytes
+    mss: int | None = None  # options, read from SYN segments only
+    wscale: int | None = None
+
+    @property
+    def seg_len(self) -> int:
+        """Sequence space the segment occupies (SYN and FIN count one)."""
+        return len(self.payload) + bool(self.flags & SYN) + bool(self.flags & FIN)
+
+
+def parse_segment(pkt: P.Packet) -> Segment:
+    """The TCP fields of a parsed frame (``packets.parse`` checked lengths)."""
+    seg = pkt.l4
+    if len(seg) < 20:
+        raise P.Drop("short_tcp")
+    seq, ack, off, flags, window = struct.unpack_from("!IIBBH", seg, 4)
+    hlen = (off >> 4) * 4
+    mss = wscale = None
+    if flags & SYN and hlen > 20:
+        mss, wscale = _syn_options(seg[20:hlen])
+    if flags & SYN and flags & (FIN | RST):
+        raise P.Drop("tcp_flags")
+    return Segment(seq, ack, flags, window, pkt.payload, mss, wscale)
+
+
+def _syn_options(opts: bytes) -> tuple[int | None, int | None]:
+    """MSS and window scale from a SYN's options; others (SACK, timestamps)
+    are ignored, and a malformed list ends the walk."""
+    mss = wscale = None
+    i = 0
+    while i < len(opts):
+        kind = opts[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= len(opts) or opts[i + 1] < 2 or i + opts[i + 1] > len(opts):
+            break
+        size = opts[i + 1]
+        if kind == 2 and size == 4:
+            mss = struct.unpack_from("!H", opts, i + 2)[0]
+        elif kind == 3 and size == 3:
+            wscale = min(opts[i + 2], MAX_WSCALE)
+        i += size
+    return mss, wscale
+
+
+def syn_options(mss: int, wscale: int | None) -> bytes:
+    """Our SYN options: MSS, and window scale when offered (padded with NOP)."""
+    out = struct.pack("!BBH", 2, 4, mss)
+    if wscale is not None:
+        out += struct.pack("!BBBB", 1, 3, 3, wscale)
+    return out
+
+
+# ---- data past a gap --------------------------------------------------------------
+
+
+class Reassembly:
+    """Segments past ``rcv_nxt``, by sequence number, at most ``limit`` bytes."""
+
+    def __init__(self, limit: int = REASSEMBLY_LIMIT) -> None:
+        self.limit = limit
+        self.segments: dict[int, bytes] = {}
+        self.bytes = 0
+        self.queued = 0  # segments taken in
+        self.refused = 0  # segments past the window or the limit
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def add(self, seq: int, data: bytes, rcv_nxt: int, window: int) -> bool:
+        """Hold ``data`` at ``seq`` (past ``rcv_nxt``, within ``window`` bytes
+        of it); False when it is not taken."""
+        off = seq_diff(seq, rcv_nxt)
+        if off <= 0 or off + len(data) > window:
+            self.refused += 1
+            return False
+        old = self.segments.get(seq)
+        if old is not None and len(old) >= len(data):
+            return True  # a duplicate
+        grow = len(data) - (len(old) if old is not None else 0)
+        if self.bytes + grow > self.limit:
+            self.refused += 1
+            return False
+        self.segments[seq] = data
+        self.bytes += grow
+        self.queued += 1
+        return True
+
+    def put_back(self, seq: int, data: bytes) -> None:
+        """What the host socket did not take of what ``take`` gave: first next time."""
+        self.bytes += len(data) - len(self.segments.get(seq, b""))
+        self.segments[seq] = data
+
+    def take(self, rcv_nxt: int) -> bytes | None:
+        """The held bytes that continue the stream at ``rcv_nxt`` (what is
+        already below it cut off), or None; anything wholly below it is dropped."""
+        data = self.segments.pop(rcv_nxt, None)
+        if data is not None:
+            self.bytes -= len(data)
+            return data
+        best: bytes | None = None
+        for seq in [s for s in self.segments if seq_diff(rcv_nxt, s) >= 0]:
+            data = self.segments.pop(seq)
+            self.bytes -= len(data)
+            rest = data[seq_diff(rcv_nxt, seq) :]
+            if rest and (best is None or len(rest) > len(best)):
+                best = rest
+        return best
+
+    def clear(self) -> None:
+        self.segments.clear()
+        self.bytes = 0
