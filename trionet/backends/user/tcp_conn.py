@@ -403,21 +403,9 @@ class TcpConn:
             return
         data = seg.payload[offset:] if offset else seg.payload
         if data:
-            taken = self.host.send(data)
-            self.rcv_nxt = (self.rcv_nxt + taken) & MASK
-            self.bytes_from_guest += taken
-            self.ack_due = True
-            if taken < len(data):
-                # within the window we advertised, so held rather than sent
-                # again by the guest (the socket's memory is not all payload);
-                # acknowledged once the socket takes it.  A FIN comes again.
-                self.reasm.put_back(self.rcv_nxt, data[taken:])
-                self.want_write = True
+            if not self._to_host(data) or (self.reasm and not self._deliver_held()):
                 self._send_ack()
-                return
-            if self.reasm and not self._deliver_held():
-                self._send_ack()
-                return
+                return  # a FIN comes again with what the socket did not take
         elif seg.payload:
             self._send_ack()  # all of it seen already
         if seg.flags & FIN:
@@ -547,17 +535,26 @@ class TcpConn:
         field = self.wnd_sent >> self.ws_to_guest
         self.wire.segment(ACK, self.snd_nxt, self.rcv_nxt, field, b"", b"")
 
+    def _to_host(self, data: bytes) -> bool:
+        """In-order guest data to the host socket.  What it does not take was
+        within the window we advertised (the socket's memory is not all
+        payload), so it is held rather than sent again by the guest with all
+        behind it, and acknowledged once taken.  False when the socket is full."""
+        taken = self.host.send(data)
+        self.rcv_nxt = (self.rcv_nxt + taken) & MASK
+        self.bytes_from_guest += taken
+        self.ack_due = True
+        if taken < len(data):
+            self.reasm.put_back(self.rcv_nxt, data[taken:])
+            self.want_write = True
+            return False
+        return True
+
     def _deliver_held(self) -> bool:
         """Send the held data the stream has reached to the host socket;
         False when the socket filled up (the rest stays held)."""
         while (data := self.reasm.take(self.rcv_nxt)) is not None:
-            taken = self.host.send(data)
-            self.rcv_nxt = (self.rcv_nxt + taken) & MASK
-            self.bytes_from_guest += taken
-            self.ack_due = True
-            if taken < len(data):
-                self.reasm.put_back(self.rcv_nxt, data[taken:])
-                self.want_write = True
+            if not self._to_host(data):
                 return False
         return True
 
