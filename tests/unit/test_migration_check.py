@@ -16,8 +16,9 @@ BUSYBOX = shutil.which("busybox")
 pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="busybox not installed")
 
 
-def check(rx: Path, switched_at: int) -> dict[str, int]:
-    """What the guest's check prints for the file ``rx``."""
+def check(rx: Path, switched_at: int) -> dict[str, object]:
+    """What the guest's check prints for the file ``rx``: its counts, and the
+    numbers it found missing."""
     assert BUSYBOX is not None
     cmd = AWK_CHECK.replace("FROM=%d", f"FROM={switched_at}").replace("/tmp/rx", str(rx))
     out = subprocess.run(
@@ -26,7 +27,10 @@ def check(rx: Path, switched_at: int) -> dict[str, int]:
     m = re.search(r"good=(\d+) bad=(\d+) dup=(\d+) after=(\d+) min=(\d+) max=(\d+)", out)
     assert m, out
     names = ("good", "bad", "dup", "after", "min", "max")
-    return dict(zip(names, map(int, m.groups()), strict=True))
+    counts: dict[str, object] = dict(zip(names, map(int, m.groups()), strict=True))
+    missing = re.search(r"^missing:((?: \d+)+)$", out, re.M)
+    counts["missing"] = [int(n) for n in missing.group(1).split()] if missing else []
+    return counts
 
 
 def test_datagrams_are_lines_of_the_announced_length() -> None:
@@ -41,7 +45,8 @@ def test_every_intact_datagram_counts_as_good(tmp_path: Path) -> None:
     datagrams as bad for it."""
     rx = tmp_path / "rx"
     rx.write_bytes(b"".join(datagram(i) for i in range(843)))
-    assert check(rx, 400) == {"good": 843, "bad": 0, "dup": 0, "after": 443, "min": 0, "max": 842}
+    want = {"good": 843, "bad": 0, "dup": 0, "after": 443, "min": 0, "max": 842, "missing": []}
+    assert check(rx, 400) == want
 
 
 def test_faults_are_counted(tmp_path: Path) -> None:
@@ -50,10 +55,19 @@ def test_faults_are_counted(tmp_path: Path) -> None:
     lines = [datagram(i) for i in range(20)]
     lines[3] = lines[3][:500] + b"X" + lines[3][501:]  # one byte changed
     lines[5] = lines[5][:400] + b"\n"  # truncated
+    lines[12] = b"00000012" + datagram(11)[8:]  # the old contents under a new number
     lines[9] = lines[9][:-1] + lines[10]  # run together (the newline lost)
     del lines[10]
-    lines[12] = b"00000012" + datagram(11)[8:]  # the old contents under a new number
     lines.append(datagram(15))  # repeated
     rx = tmp_path / "rx"
     rx.write_bytes(b"".join(lines))
-    assert check(rx, 10) == {"good": 16, "bad": 4, "dup": 1, "after": 9, "min": 0, "max": 19}
+    want = {"good": 16, "bad": 4, "dup": 1, "after": 9, "min": 0, "max": 19}
+    assert check(rx, 10) == {**want, "missing": [3, 5, 9, 10, 12]}
+
+
+def test_lost_datagrams_are_listed(tmp_path: Path) -> None:
+    rx = tmp_path / "rx"
+    rx.write_bytes(b"".join(datagram(i) for i in range(100) if not 40 <= i < 70))
+    got = check(rx, 50)
+    assert (got["good"], got["bad"], got["after"]) == (70, 0, 30)
+    assert got["missing"] == list(range(40, 60))  # the first 20
