@@ -127,6 +127,19 @@ class DriverQueue:
         self.buffers[head] = [(g, n) for g, n, _ in bufs]
         return head
 
+    def add_rx_chain(self, sizes: list[int], indirect: bool = False) -> int:
+        """A device-writable chain of buffers of the given ``sizes`` (a 12-byte
+        first one, say, as Linux's big-packet receive buffers have)."""
+        bufs = [(self.ram.alloc(n), n, DESC_F_WRITE) for n in sizes]
+        head = self._add(bufs, indirect)
+        self.buffers[head] = [(g, n) for g, n, _ in bufs]
+        return head
+
+    def repost(self, head: int) -> None:
+        """Make a chain the device used available again, as it was (a driver
+        recycling its receive buffers; the descriptors are unchanged)."""
+        self.publish_head(head)
+
     def add_command(self, command: bytes) -> tuple[int, int]:
         """A control-queue chain: the command (readable) then a 1-byte ack (writable).
         Returns (head, gpa of the ack byte)."""

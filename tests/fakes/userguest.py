@@ -124,9 +124,12 @@ async def user_guest(
     features: int = DRIVER_FEATURES,
     *,
     threads: bool = False,
+    stock: int = RX_BUFFERS,
+    ram_size: int = 8 << 20,
 ) -> AsyncIterator[UserGuest]:
     """A trionet service on the user backend with ``pairs`` pairs set up and
-    active, served on the Trio thread or (``threads``) by worker threads."""
+    active, served on the Trio thread or (``threads``) by worker threads, each
+    RX ring stocked with ``stock`` 4 KiB buffers (0: the test stocks them)."""
     config = ServiceConfig(
         queue_pairs=pairs,
         socket_path=tmp_path / "vhost.sock",
@@ -136,7 +139,7 @@ async def user_guest(
     )
     backend = UserBackend(cfg, pairs)
     service = Service(config, backend)
-    ram = GuestRam(8 << 20)
+    ram = GuestRam(ram_size)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
@@ -150,7 +153,8 @@ async def user_guest(
                 await session.apply_active_pairs(pairs, "test")
                 guest = UserGuest(fe, service, pairs)
                 for p in range(pairs):
-                    guest.stock(p)
+                    if stock:
+                        guest.stock(p, stock)
                 yield guest
             finally:
                 fe.close()
