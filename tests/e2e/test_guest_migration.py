@@ -1,4 +1,5 @@
-"""End to end: live migration of a guest on trionet's user backend.
+"""End to end: live migration of a guest on trionet's user backend (and the
+same on the tap backend, ``test_live_migration_on_tap_backend``).
 
     source QEMU  --vhost-user--> trionet A (user, -u 127.0.0.1/PORT_A:5000) --.
         | migrate (QMP, over a UNIX socket)                                    +-- host loopback
@@ -320,7 +321,6 @@ TAP_HOST = "10.0.2.1"
 TAP_GUEST = "10.0.2.15"
 
 
-@pytest.mark.skip(reason="written, not yet run on this machine")
 async def test_live_migration_on_tap_backend(tmp_path: Path) -> None:
     """The same on the tap backend: both trionets' taps on one bridge in a
     namespace (the "LAN"); the bridge learns the guest's new port from its
