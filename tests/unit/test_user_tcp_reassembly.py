@@ -93,6 +93,17 @@ def test_reassembly_refuses_what_is_past_the_window_or_the_limit() -> None:
     assert r.bytes == 2000 and r.refused == 3
 
 
+def test_reassembly_holds_a_bounded_number_of_segments() -> None:
+    """A guest sending one-byte segments past a gap cannot make the stack
+    hold more objects than it holds bytes for."""
+    r = Reassembly(max_segments=4)
+    for i in range(10):
+        r.add(200 + 2 * i, b"x", 100, 5000)
+    assert len(r) == 4 and r.refused == 6
+    assert r.add(200, b"xyz", 100, 5000)  # a longer copy of one held: replaces it
+    assert len(r) == 4 and r.bytes == 6
+
+
 @given(
     st.lists(st.tuples(st.integers(0, 9), st.integers(1, 1500)), min_size=1, max_size=30),
     st.integers(0, 2**32 - 1),

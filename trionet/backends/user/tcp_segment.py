@@ -19,6 +19,7 @@ from trionet.backends.user import packets as P
 FIN, SYN, RST = P.TCP_FIN, P.TCP_SYN, P.TCP_RST
 MAX_WSCALE = 14
 REASSEMBLY_LIMIT = 1 << 20  # bytes held past a gap per connection, at most
+REASSEMBLY_SEGMENTS = 512  # and segments (tiny ones must not cost more than their bytes)
 MASK = 0xFFFFFFFF
 
 
@@ -105,10 +106,14 @@ def syn_options(mss: int, wscale: int | None) -> bytes:
 
 
 class Reassembly:
-    """Segments past ``rcv_nxt``, by sequence number, at most ``limit`` bytes."""
+    """Segments past ``rcv_nxt``, by sequence number: at most ``limit`` bytes
+    in at most ``max_segments`` segments."""
 
-    def __init__(self, limit: int = REASSEMBLY_LIMIT) -> None:
+    def __init__(
+        self, limit: int = REASSEMBLY_LIMIT, max_segments: int = REASSEMBLY_SEGMENTS
+    ) -> None:
         self.limit = limit
+        self.max_segments = max_segments
         self.segments: dict[int, bytes] = {}
         self.bytes = 0
         self.queued = 0  # segments taken in
@@ -128,7 +133,9 @@ class Reassembly:
         if old is not None and len(old) >= len(data):
             return True  # a duplicate
         grow = len(data) - (len(old) if old is not None else 0)
-        if self.bytes + grow > self.limit:
+        if self.bytes + grow > self.limit or (
+            old is None and len(self.segments) >= self.max_segments
+        ):
             self.refused += 1
             return False
         self.segments[seq] = data
