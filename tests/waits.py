@@ -17,12 +17,16 @@ from trionet.service.session import Session
 TIMEOUT = 10.0
 
 
-async def until(check: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    """Return once ``check()`` holds; fail the test after ``timeout`` seconds."""
+async def until(
+    check: Callable[[], bool], what: str, timeout: float = TIMEOUT, every: float = 0.001
+) -> None:
+    """Return once ``check()`` holds (looked at every ``every`` seconds: state
+    another process holds is asked for less often); fail the test after
+    ``timeout`` seconds."""
     try:
         with trio.fail_after(timeout):
             while not check():
-                await trio.sleep(0.001)
+                await trio.sleep(every)
     except trio.TooSlowError:
         raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
 

@@ -25,6 +25,7 @@ from tests.fakes.service_process import ServiceProcess
 from tests.fakes.userguest import UserGuest
 from tests.integration.test_sandbox import G_MAC, NOBODY, _Remote, guest_on, trionet_process
 from tests.netns import netns, ns_run, require_root, root_test, unique_ifname
+from tests.waits import until
 from trionet.net import features as F
 from trionet.service.server import read_status
 from trionet.vhost_user import messages as m
@@ -62,13 +63,12 @@ async def one_vmm(proc: ServiceProcess, ram: GuestRam, traffic: bool = False) ->
 
 
 async def wait_served(proc: ServiceProcess, n: int) -> dict[str, object]:
-    with trio.fail_after(10):
-        while True:
-            proc.assert_alive()
-            st = read_status(proc.control_path)
-            if st["sessions_served"] >= n:
-                return st
-            await trio.sleep(0.01)
+    def served() -> bool:
+        proc.assert_alive()
+        return bool(read_status(proc.control_path)["sessions_served"] >= n)
+
+    await until(served, f"{n} sessions served", every=0.01)
+    return read_status(proc.control_path)
 
 
 async def test_vmm_connect_disconnect_cycles_leave_fds_and_rss_flat(tmp_path: Path) -> None:
@@ -113,9 +113,12 @@ async def test_vmm_killed_mid_traffic_is_counted_and_the_next_served(tmp_path: P
                 assert vmm.stdout is not None
                 with trio.fail_after(20):
                     assert (await vmm.stdout.receive_some(100)).startswith(b"flowing")
-                    before = read_status(proc.control_path)["pairs"][0]["tx_packets"]
-                    while read_status(proc.control_path)["pairs"][0]["tx_packets"] < before + 50:
-                        await trio.sleep(0.01)  # frames are flowing right now
+
+                def tx_packets() -> int:
+                    return int(read_status(proc.control_path)["pairs"][0]["tx_packets"])
+
+                want = tx_packets() + 50
+                await until(lambda w=want: tx_packets() >= w, "frames flowing", 20, every=0.01)
             finally:
                 vmm.kill()  # SIGKILL, by pid
                 await vmm.wait()
@@ -154,23 +157,21 @@ async def test_tap_deleted_under_a_running_trionet(tmp_path: Path, threads: bool
                 g.send(0, bytes(arp))
                 await g.recv(0)
                 await ns_run(ns, "ip", "link", "del", tap)
-                with trio.fail_after(10):
-                    while not read_status(ctl)["faults"]["tap_lost"]:
-                        await trio.sleep(0.05)
+                await until(lambda: read_status(ctl)["faults"]["tap_lost"], "tap_lost", every=0.05)
                 # the guest's frames are still taken (and dropped, counted)
                 before = read_status(ctl)["pairs"][0]
                 for _ in range(5):
                     g.send(0, bytes(arp))
-                with trio.fail_after(10):
-                    while True:
-                        after = read_status(ctl)["pairs"][0]
-                        if (
-                            after["tx_packets"] + after.get("drops", 0)
-                            > before["tx_packets"] + (before.get("drops", 0))
-                            or g.fe.queues[1].take_used()
-                        ):
-                            break
-                        await trio.sleep(0.05)
+
+                def taken() -> bool:
+                    after = read_status(ctl)["pairs"][0]
+                    return bool(
+                        after["tx_packets"] + after.get("drops", 0)
+                        > before["tx_packets"] + before.get("drops", 0)
+                        or g.fe.queues[1].take_used()
+                    )
+
+                await until(taken, "the guest's frames taken", every=0.05)
                 # no spinning on the dead fd
                 c0 = cpu_seconds(proc.pid)
                 await trio.sleep(1)
@@ -184,9 +185,9 @@ async def test_tap_deleted_under_a_running_trionet(tmp_path: Path, threads: bool
                              "multi_queue", "vnet_hdr", "user", NOBODY)  # fmt: skip
                 await ns_run(ns, "ip", "addr", "add", "10.96.0.1/24", "dev", tap)
                 await ns_run(ns, "ip", "link", "set", tap, "up")
-                with trio.fail_after(10):
-                    while not read_status(ctl)["faults"]["tap_recovered"]:
-                        await trio.sleep(0.05)
+                await until(
+                    lambda: read_status(ctl)["faults"]["tap_recovered"], "tap_recovered", every=0.05
+                )
                 assert read_status(ctl)["faults"]["backend_problem"] is None
                 g.fe.queues[1].take_used()
                 while not g.nothing_on(0):

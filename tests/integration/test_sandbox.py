@@ -34,6 +34,7 @@ from tests.fakes.frontend import DRIVER_FEATURES, Frontend
 from tests.fakes.sandboxed import SANDBOX_ENV
 from tests.fakes.userguest import GUEST4, GW4, UserGuest
 from tests.netns import ns_run, require_root, root_test, unique_ifname
+from tests.waits import until
 from trionet.net import features as F
 from trionet.service.server import read_status
 
@@ -91,10 +92,12 @@ async def trionet_process(
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        with trio.fail_after(30):
-            while not (sock.exists() and ctl.exists() and "sandbox:" in log.read_text()):
-                assert proc.poll() is None, log.read_text()
-                await trio.sleep(0.05)
+
+        def ready() -> bool:
+            assert proc.poll() is None, log.read_text()
+            return sock.exists() and ctl.exists() and "sandbox:" in log.read_text()
+
+        await until(ready, "the sandboxed trionet listening", 30, every=0.05)
         yield proc, ctl, log
     finally:
         if proc.poll() is None:
@@ -266,9 +269,7 @@ async def test_state_file_written_after_the_drop(tmp_path: Path) -> None:
         async with trionet_process(tmp_path, *args) as (proc, ctl, log):
             features = DRIVER_FEATURES & ~F.bit(F.CTRL_VQ)
             async with guest_on(tmp_path / "vhost.sock", ctl, features):
-                with trio.fail_after(10):
-                    while not state.exists():
-                        await trio.sleep(0.05)
+                await until(state.exists, "the state file", every=0.05)
                 assert json.loads(state.read_text())["active_pairs"] == 1
                 assert state.stat().st_uid == uid
                 assert_sandboxed(proc.pid, uid)

@@ -9,11 +9,10 @@ import mmap
 import os
 from pathlib import Path
 
-import trio
-
 from tests.fakes.driver import DriverQueue
 from tests.fakes.frontend import DRIVER_FEATURES, Frontend
 from tests.fakes.userguest import make_config, user_guest
+from tests.waits import until
 from trionet.dirtylog import LOG_PAGE, log_bytes_for
 from trionet.net import features as F
 from trionet.service.server import Service
@@ -43,11 +42,12 @@ def pages(gpa: int, length: int) -> set[int]:
 
 async def wait_used(q: DriverQueue, n: int) -> list:  # type: ignore[type-arg]
     got: list = []  # type: ignore[type-arg]
-    with trio.fail_after(10):
-        while len(got) < n:
-            got += q.take_used()
-            if len(got) < n:
-                await trio.sleep(0.001)
+
+    def enough() -> bool:
+        got.extend(q.take_used())
+        return len(got) >= n
+
+    await until(enough, f"{n} used entries")
     return got
 
 

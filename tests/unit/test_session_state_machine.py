@@ -23,7 +23,6 @@ holds no more fds than before.
 from __future__ import annotations
 
 import array
-import errno
 import os
 import socket
 import tempfile
@@ -36,6 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from tests.unit.test_vhost_user_codec import is_open
 from tests.waits import until
 from trionet.backends.loop import LoopBackend
 from trionet.errors import LocalProtocolError, RemoteProtocolError
@@ -158,17 +158,8 @@ class Fds:
         return fd
 
     def still_open(self) -> set[int]:
-        self.made = {fd for fd in self.made if _is_open(fd)}
+        self.made = {fd for fd in self.made if is_open(fd)}
         return set(self.made)
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as exc:
-        assert exc.errno == errno.EBADF
-        return False
-    return True
 
 
 def encode(recipe: Recipe, make_fd: Callable[[str], int]) -> tuple[bytes, list[int]]:
