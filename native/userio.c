@@ -535,7 +535,8 @@ static void follow(struct tn_utable *t, int slot, uint8_t pair)
 }
 
 static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, uint32_t max,
-                   struct tn_utable *t, uint8_t pair, struct tn_slow *slow, struct tn_batch *b)
+                   struct tn_utable *t, uint8_t pair, struct tn_slow *slow, struct tn_batch *b,
+                   struct tn_tcp_acks *acks)
 {
     struct iovec iov[TN_MAX_CHAIN_IOV];
     struct tx_run run = {.fd = -1};
@@ -585,7 +586,7 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
         int slot = -1;
         if (hdr_len <= VNET_HDR_MAX && gso == 0 && parse_udp(h + hdr_len, got - hdr_len, flen, &u))
             slot = find(t, u.v6, u.src, u.dst, u.sport, u.dport);
-        if (slot < 0 && gso == 0 && tn_tcp_tx_fast(t->tcp, ch, nch, hdr_len, flen, flags, pair)) {
+        if (slot < 0 && gso == 0 && tn_tcp_tx_fast(t->tcp, ch, nch, hdr_len, flen, flags, pair, acks)) {
             b->packets++;
             b->bytes += flen;
             tn_vq_push(vq, head, 0);
@@ -644,8 +645,12 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
 int tn_user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, uint32_t max,
                struct tn_utable *t, uint8_t pair, struct tn_slow *slow, struct tn_batch *b)
 {
+    struct tn_tcp_acks acks;
+    acks.n = 0;
     read_lock(t);
-    int rc = user_tx(vq, m, hdr_len, max, t, pair, slow, b);
+    int rc = user_tx(vq, m, hdr_len, max, t, pair, slow, b, &acks);
+    if (acks.n > 0)
+        tn_tcp_acks_flush(t->tcp, &acks, pair);  /* one ACK per connection per batch */
     unlock(t);
     return rc;
 }

@@ -12,10 +12,20 @@
 
 #include "netsum.h"
 #include "virtq.h"
+#include "userpair.h"
 #include "usertcp.h"
 
 #ifndef SO_PEEK_OFF
 #define SO_PEEK_OFF 42
+#endif
+#ifndef SO_MEMINFO
+#define SO_MEMINFO 55
+#endif
+#define SK_MEMINFO_SNDBUF 3
+#define SK_MEMINFO_WMEM_QUEUED 5
+#define SK_MEMINFO_VARS 9
+#ifndef SIOCOUTQ
+#define SIOCOUTQ 0x5411           /* TIOCOUTQ */
 #endif
 #ifndef SIOCINQ
 #define SIOCINQ 0x541B            /* FIONREAD */
@@ -44,6 +54,10 @@ struct tn_tcpc {
     uint8_t pair;                 /* of the last frame it took */
     uint32_t rcv_nxt, snd_una;
     uint16_t window_field;
+    /* native ACKs (under lock): allowed by Python, and what they said */
+    uint8_t ack, ws, owed, acks, took;
+    uint32_t snd_nxt, mss, acked, rcv_edge;
+    uint16_t ack_window;
     /* the table (under the table's locks) */
     uint8_t indexed, listed, v6;
     uint8_t src[16], dst[16];
@@ -55,6 +69,8 @@ struct tn_tcpc {
 #define TT_LIST 1024
 #define TT_MASK (TT_SLOTS - 1)
 #define VNET_F_NEEDS_CSUM 1
+#define TN_TCP_PAIRS 16
+#define TCP_ACK 0x10
 
 struct tn_ttable {
     pthread_rwlock_t index_lock;  /* lookups (TX batches) read; Python's add/del write */
@@ -62,7 +78,8 @@ struct tn_ttable {
     uint32_t n;
     uint32_t nlisted;
     uint8_t signal;               /* listed since the worker last signalled */
-    uint64_t fast_frames, fast_bytes;
+    uint64_t fast_frames, fast_bytes, native_acks, acks_to_python;
+    struct tn_uoutq *out[TN_TCP_PAIRS];
     struct tn_tcpc *list[TT_LIST];
     struct tn_tcpc *slot[TT_SLOTS];
 };
@@ -546,24 +563,52 @@ int tn_ttable_should_signal(struct tn_ttable *t)
 
 int tn_tcpc_pair(const struct tn_tcpc *c) { return __atomic_load_n(&c->pair, __ATOMIC_RELAXED); }
 
-uint32_t tn_tcpc_pause(struct tn_tcpc *c)
+void tn_tcpc_pause(struct tn_tcpc *c, struct tn_tcpc_sync *out)
 {
     pthread_mutex_lock(&c->lock);
     c->fast = 0;
-    uint32_t r = c->rcv_nxt;
+    out->rcv_nxt = c->rcv_nxt;
+    out->acked = c->acked;
+    out->rcv_edge = c->rcv_edge;
+    out->window = c->ack_window;
+    out->acks = c->acks;
+    out->took = c->took;
+    out->pair = c->pair;
+    c->acks = c->took = 0;
     pthread_mutex_unlock(&c->lock);
-    return r;
 }
 
 void tn_tcpc_resume(struct tn_tcpc *c, uint32_t rcv_nxt, uint32_t snd_una, uint16_t window_field,
-                    int fast)
+                    int fast, uint32_t snd_nxt, uint32_t rcv_edge, uint8_t ws, uint32_t mss,
+                    int ack)
 {
     pthread_mutex_lock(&c->lock);
     c->rcv_nxt = rcv_nxt;
     c->snd_una = snd_una;
     c->window_field = window_field;
     c->fast = fast != 0 && c->fd >= 0;
+    c->snd_nxt = snd_nxt;
+    c->rcv_edge = rcv_edge;
+    c->ws = ws > 14 ? 14 : ws;
+    c->mss = mss;
+    c->ack = ack != 0;
     pthread_mutex_unlock(&c->lock);
+}
+
+void tn_ttable_set_out(struct tn_ttable *t, uint32_t pair, struct tn_uoutq *q)
+{
+    if (pair < TN_TCP_PAIRS)
+        t->out[pair] = q;
+}
+
+uint64_t tn_ttable_native_acks(const struct tn_ttable *t)
+{
+    return __atomic_load_n(&t->native_acks, __ATOMIC_RELAXED);
+}
+
+uint64_t tn_ttable_acks_to_python(const struct tn_ttable *t)
+{
+    return __atomic_load_n(&t->acks_to_python, __ATOMIC_RELAXED);
 }
 
 /* List c for Python to acknowledge (c locked).  0: the list is full. */
@@ -590,8 +635,21 @@ static inline uint32_t rd32be(const uint8_t *p)
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
+/* Owe c's guest an ACK after the batch (c locked): 0 when acks is full. */
+static int owe_ack(struct tn_tcp_acks *acks, struct tn_tcpc *c)
+{
+    if (c->owed)
+        return 1;
+    if (acks == NULL || acks->n >= TN_TCP_ACKS_MAX)
+        return 0;
+    __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
+    c->owed = 1;
+    acks->c[acks->n++] = c;
+    return 1;
+}
+
 int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, uint32_t hdr_len,
-                   uint32_t flen, uint8_t vnet_flags, uint8_t pair)
+                   uint32_t flen, uint8_t vnet_flags, uint8_t pair, struct tn_tcp_acks *acks)
 {
     uint8_t h[VNET_HDR_MAX + ETH_LEN + V6_LEN + TCP_LEN];
     if (t == NULL || hdr_len > VNET_HDR_MAX)
@@ -669,9 +727,11 @@ int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, ui
                     c->rcv_nxt += (uint32_t)r;
                 /* a full list: the frame goes to Python, which learns rcv_nxt
                  * from tn_tcpc_pause and acknowledges from there */
-                if (r == (ssize_t)plen && list_for_ack(t, c)) {
+                if (r == (ssize_t)plen &&
+                    ((c->ack && owe_ack(acks, c)) || list_for_ack(t, c))) {
                     c->fast = 1;
                     c->pair = pair;
+                    c->took = 1;
                     taken = 1;
                     __atomic_fetch_add(&t->fast_frames, 1, __ATOMIC_RELAXED);
                     __atomic_fetch_add(&t->fast_bytes, plen, __ATOMIC_RELAXED);
@@ -683,4 +743,81 @@ int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, ui
     }
     pthread_rwlock_unlock(&t->index_lock);
     return taken;
+}
+
+/* The window field for c's socket as Python's _window computes it (c locked,
+ * fd open); 0 means a zero window (Python's to send). */
+static uint16_t ack_window(const struct tn_tcpc *c)
+{
+    uint32_t mem[SK_MEMINFO_VARS] = {0};
+    socklen_t ml = sizeof(mem);
+    int outq = 0;
+    if (getsockopt(c->fd, SOL_SOCKET, SO_MEMINFO, mem, &ml) < 0 ||
+        ioctl(c->fd, SIOCOUTQ, &outq) < 0)
+        return 0;
+    uint64_t sndbuf = mem[SK_MEMINFO_SNDBUF], queued = mem[SK_MEMINFO_WMEM_QUEUED], space;
+    if (queued >= sndbuf)
+        return 0;
+    if (outq > 0 && queued > (uint64_t)outq)
+        space = (sndbuf - queued) * (uint64_t)outq / queued;  /* the payload's share */
+    else
+        space = (sndbuf - queued) / 2;
+    uint64_t capacity = sndbuf / 2, sws = c->mss < capacity / 2 ? c->mss : capacity / 2;
+    if (space < sws && outq > 0)
+        return 0;
+    uint64_t cap = (uint64_t)0xFFFF << c->ws;
+    if (space > cap)
+        space = cap;
+    return (uint16_t)(space >> c->ws);
+}
+
+void tn_tcp_acks_flush(struct tn_ttable *t, struct tn_tcp_acks *acks, uint8_t pair)
+{
+    struct tn_uoutq *q = pair < TN_TCP_PAIRS ? t->out[pair] : NULL;
+    for (uint32_t i = 0; i < acks->n; i++) {
+        struct tn_tcpc *c = acks->c[i];
+        uint8_t frame[TN_TCPC_TMPL_MAX + MIN_FRAME];
+        uint32_t flen = 0;
+        pthread_mutex_lock(&c->lock);
+        c->owed = 0;
+        uint16_t field = 0;
+        uint32_t was_acked = c->acked;
+        if (q != NULL && c->fast && c->ack && c->fd >= 0)
+            field = ack_window(c);
+        if (field > 0) {
+            struct tn_tcp_entry e = {c, c->snd_nxt, c->rcv_nxt, 0, field, TCP_ACK};
+            uint32_t tl = c->tmpl_len;
+            memcpy(frame, c->tmpl, tl);
+            headers(&e, frame, tl, c->snd_nxt, 0, 0);
+            flen = tl;
+            if (flen < MIN_FRAME) {
+                memset(frame + flen, 0, MIN_FRAME - flen);
+                flen = MIN_FRAME;
+            }
+            uint32_t edge = c->rcv_nxt + ((uint32_t)field << c->ws);
+            if ((int32_t)(edge - c->rcv_edge) > 0)
+                c->rcv_edge = edge;
+            c->acked = c->rcv_nxt;
+            c->ack_window = field;
+            c->acks = 1;
+        } else {
+            list_for_ack(t, c);  /* Python acknowledges (a full list: its next pause does) */
+        }
+        pthread_mutex_unlock(&c->lock);
+        /* the outbox's lock is taken before connections' (its drain peeks), never after */
+        if (flen > 0 && tn_uout_put(q, frame, flen) == 1) {
+            __atomic_fetch_add(&t->native_acks, 1, __ATOMIC_RELAXED);
+        } else {
+            if (flen > 0) {  /* the outbox is full: Python acknowledges again later */
+                pthread_mutex_lock(&c->lock);
+                if (c->acked == c->rcv_nxt)
+                    c->acked = was_acked;
+                list_for_ack(t, c);
+                pthread_mutex_unlock(&c->lock);
+            }
+            __atomic_fetch_add(&t->acks_to_python, 1, __ATOMIC_RELAXED);
+        }
+        unref(c);
+    }
+    acks->n = 0;
 }

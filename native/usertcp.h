@@ -91,13 +91,35 @@ uint64_t tn_ttable_fast_frames(const struct tn_ttable *t);
 uint64_t tn_ttable_fast_bytes(const struct tn_ttable *t);
 /* The queue pair of the last frame the fast path took for c (replies go there). */
 int tn_tcpc_pair(const struct tn_tcpc *c);
+
+/* What the fast path did to a connection since Python last resumed it. */
+struct tn_tcpc_sync {
+    uint32_t rcv_nxt;             /* the guest's data sent up to here */
+    uint32_t acked;               /* the native ACKs acknowledged up to here */
+    uint32_t rcv_edge;            /* right edge of the windows advertised */
+    uint16_t window;              /* the window field of the last native ACK */
+    uint8_t acks;                 /* 1: native ACKs were sent (acked, window valid) */
+    uint8_t took;                 /* 1: frames were taken (pair: the last one's) */
+    uint8_t pair;
+};
 /* Python takes the connection: no frame of it goes the fast path until
- * resume.  Returns rcv_nxt (which the fast path may have moved). */
-uint32_t tn_tcpc_pause(struct tn_tcpc *c);
+ * resume.  *out: what the fast path did meanwhile. */
+void tn_tcpc_pause(struct tn_tcpc *c, struct tn_tcpc_sync *out);
 /* Python is done with it: the state the fast path checks frames against,
- * and whether it may take them at all. */
+ * and whether it may take them at all (fast).  With ack = 1 it also
+ * acknowledges what it took, once per TX batch, from the connection's
+ * template: seq snd_nxt, the window the socket's free space allows scaled
+ * by ws (as Python's _window, silly windows avoided below min(mss, half the
+ * payload share of the send buffer)).  A zero window, or a connection Python
+ * holds, is left to Python (listed for tn_ttable_take). */
 void tn_tcpc_resume(struct tn_tcpc *c, uint32_t rcv_nxt, uint32_t snd_una, uint16_t window_field,
-                    int fast);
+                    int fast, uint32_t snd_nxt, uint32_t rcv_edge, uint8_t ws, uint32_t mss,
+                    int ack);
+/* Where the native ACKs for frames taken on pair go (the pair's outbox). */
+void tn_ttable_set_out(struct tn_ttable *t, uint32_t pair, struct tn_uoutq *q);
+/* Native ACKs sent, and ACKs left to Python, since the table was made. */
+uint64_t tn_ttable_native_acks(const struct tn_ttable *t);
+uint64_t tn_ttable_acks_to_python(const struct tn_ttable *t);
 
 /* Queue data entries for len bytes (> 0) at sequence number seq of c's
  * stream, one per segment of at most mss bytes, with ack and the window field
@@ -127,11 +149,21 @@ int tn_tcp_entry_lay(struct tn_tcp_entry *e, struct tn_vq *vq, const struct tn_m
 /* The entry as a flat frame in buf (cap bytes): its length (which may exceed
  * cap: then only cap bytes were written), or -1 when dropped. */
 int tn_tcp_entry_flat(struct tn_tcp_entry *e, uint8_t *buf, uint32_t cap);
+/* A TX batch's connections that owe the guest a native ACK (each holds a
+ * reference; tn_tcp_acks_flush sends and releases them). */
+#define TN_TCP_ACKS_MAX 64
+struct tn_tcp_acks {
+    uint32_t n;
+    struct tn_tcpc *c[TN_TCP_ACKS_MAX];
+};
 /* For tn_user_tx: 1 when the frame (f: its first got bytes after the
  * virtio-net header, flen in all; ch: the chain) was taken by the fast path,
  * 0 when it goes to Python. */
 int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, uint32_t hdr_len,
-                   uint32_t flen, uint8_t vnet_flags, uint8_t pair);
+                   uint32_t flen, uint8_t vnet_flags, uint8_t pair, struct tn_tcp_acks *acks);
+/* After the batch: one ACK per connection in acks into the outbox of pair
+ * (or the connection listed for Python); acks is empty afterwards. */
+void tn_tcp_acks_flush(struct tn_ttable *t, struct tn_tcp_acks *acks, uint8_t pair);
 /* For the worker: 1 once after the table listed connections (signal Python). */
 int tn_ttable_should_signal(struct tn_ttable *t);
 /* cdef-end */

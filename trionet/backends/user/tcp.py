@@ -301,8 +301,11 @@ class TcpFlows:
         if self.table == ffi.NULL:
             raise MemoryError("tcp connection table")
         stack.fast.table.tcp = self.table
+        for pair, box in enumerate(stack.outboxes):  # where native ACKs go
+            lib.tn_ttable_set_out(self.table, pair, box.cdata)
         self.by_native: dict[int, TcpFlow] = {}
         self.fast_took = ffi.new("struct tn_tcpc *[]", FAST_TAKE)
+        self.sync = ffi.new("struct tn_tcpc_sync *")
 
     # ---- guest segments ----------------------------------------------------------
 
@@ -325,9 +328,8 @@ class TcpFlows:
         while n := int(lib.tn_ttable_take(self.table, self.fast_took, FAST_TAKE)):
             for i in range(n):
                 flow = self.by_native.get(_addr(self.fast_took[i]))
-                if flow is not None:  # replies follow the pair of the guest's last segment
-                    flow.wire.pair = self.stack.home(int(lib.tn_tcpc_pair(self.fast_took[i])))
-                    self._guard(flow, lambda _now: None)
+                if flow is not None:
+                    self._guard(flow, flow.conn.ack_taken)
             if n < FAST_TAKE:
                 break
 
@@ -487,8 +489,15 @@ class TcpFlows:
         now = trio.current_time()
         native = flow.host.native
         try:
-            if native != ffi.NULL:
-                conn.took(lib.tn_tcpc_pause(native), now)  # what the native TX path sent
+            if native != ffi.NULL:  # what the native TX path sent, and acknowledged
+                sync = self.sync
+                lib.tn_tcpc_pause(native, sync)
+                if sync.took:  # replies follow the pair of the guest's last segment
+                    flow.wire.pair = self.stack.home(int(sync.pair))
+                if sync.acks:
+                    conn.took(sync.rcv_nxt, now, sync.acked, sync.window, sync.rcv_edge)
+                else:
+                    conn.took(sync.rcv_nxt, now)
             step(now)
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, "error")
@@ -508,7 +517,9 @@ class TcpFlows:
             return
         if native != ffi.NULL:
             lib.tn_tcpc_resume(native, conn.rcv_nxt, conn.snd_una, conn.window_field,
-                               int(conn.state is State.ESTABLISHED))  # fmt: skip
+                               int(conn.state is State.ESTABLISHED), conn.snd_nxt,
+                               conn.rcv_edge, conn.ws_to_guest, conn.mss,
+                               int(conn.native_ack))  # fmt: skip
         if conn.state is not State.CONNECTING:
             self._watch(flow, EP_DATA | (select.EPOLLOUT if conn.want_write else 0))
         if flow.timer is not None:
@@ -658,6 +669,8 @@ class TcpFlows:
         }
         data["native_tx_frames"] = int(lib.tn_ttable_fast_frames(self.table))
         data["native_tx_bytes"] = int(lib.tn_ttable_fast_bytes(self.table))
+        data["native_acks"] = int(lib.tn_ttable_native_acks(self.table))
+        data["acks_to_python"] = int(lib.tn_ttable_acks_to_python(self.table))
         return {"connections": len(self.flows), **self.stats, **data}
 
 

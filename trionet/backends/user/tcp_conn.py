@@ -299,10 +299,18 @@ class TcpConn:
         if not self.closed:
             self.push(now)
 
-    def took(self, rcv_nxt: int, now: float) -> None:
+    def took(
+        self, rcv_nxt: int, now: float, acked: int | None = None, field: int = 0, edge: int = 0
+    ) -> None:
         """The native TX path sent in-order guest data to the host socket up
         to ``rcv_nxt`` (it takes only plain segments that acknowledge nothing
-        new, while ESTABLISHED): acknowledge it."""
+        new, while ESTABLISHED): acknowledge it, unless the native ACKs did
+        (``acked``: up to where, ``field``: their last window field, ``edge``:
+        the right edge they advertised)."""
+        if acked is not None and self.state is State.ESTABLISHED:
+            self.wnd_sent = field << self.ws_to_guest
+            if seq_lt(self.rcv_edge, edge):
+                self.rcv_edge = edge
         if rcv_nxt == self.rcv_nxt or self.state is not State.ESTABLISHED:
             return
         n = seq_diff(rcv_nxt, self.rcv_nxt)
@@ -311,9 +319,29 @@ class TcpConn:
         self.rcv_nxt = rcv_nxt
         self.bytes_from_guest += n
         self.last_guest = self.last_activity = self.keepalive_at = now
-        self.ack_due = True
+        self.ack_due = acked != rcv_nxt
         if self.reasm:
             self._deliver_held()
+
+    @property
+    def native_ack(self) -> bool:
+        """The native TX path may acknowledge what it takes: nothing is held
+        past a gap, no FIN came, and the window is open (Python's own ACK
+        follows a zero window up)."""
+        return (
+            self.state is State.ESTABLISHED
+            and not self.reasm
+            and not self.guest_fin
+            and not self.ack_due
+            and self.wnd_sent > 0
+        )
+
+    def ack_taken(self, now: float) -> None:
+        """Acknowledge what ``took`` brought in, now rather than on the flow's
+        timer: one ACK per native batch, without a task switch."""
+        self.now = now
+        if self.ack_due and not self.closed:
+            self._send_ack()
 
     def _guest_rst(self, seg: Segment) -> None:
         """Accepted when in the receive window (RFC 9293 §3.10.7.4); in

@@ -1,0 +1,109 @@
+"""The native ACK path (usertcp.h, ``tn_tcp_acks_flush``): guest data the
+native TX path sends to the host socket is acknowledged from C, once per TX
+batch, with the window Python would have sent; Python does not run for a
+steady guest -> host stream, takes a zero window over, and learns what the
+native ACKs said when it next handles the connection.  A scripted guest
+(``tests/fakes/tcpguest.py``) over real vhost-user rings, a real host socket."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.fakes.tcpguest import guest_net
+from tests.fakes.userguest import GW4, make_config, user_guest
+from tests.unit.test_user_tcp_loopback import pattern, read_to_eof, server, stack_of, threads
+from tests.waits import until
+from trionet.backends.user import tcp as tcp_mod
+from trionet.backends.user.tcp_conn import ACK
+
+__all__ = ["server", "threads"]  # fixtures
+
+SIZE = 4 << 20
+SIZE_PAST_BUFFERS = 8 << 20  # more than a non-reading peer's socket buffers hold (4 MiB sndbuf)
+
+
+@pytest.fixture
+def python_acks(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Pure ACKs the stack's Python code sends, counted."""
+    sent: Counter[str] = Counter()
+    segment = tcp_mod.GuestWire.segment
+
+    def counting(self: Any, flags: int, seq: int, ack: int, window: int, *rest: Any) -> None:
+        if flags == ACK and not rest[0]:
+            sent["pure"] += 1
+            if window == 0:
+                sent["zero_window"] += 1
+        segment(self, flags, seq, ack, window, *rest)
+
+    monkeypatch.setattr(tcp_mod.GuestWire, "segment", counting)
+    return sent
+
+
+def sink(digests: list[bytes], gate: trio.Event | None = None) -> Callable[[Any], Awaitable[None]]:
+    """A host server that (once ``gate`` is set) reads to the end and keeps
+    the digest of what it read."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            if gate is not None:
+                await gate.wait()
+            digests.append(hashlib.sha256(await read_to_eof(stream)).digest())
+
+    return handle
+
+
+async def test_a_guest_stream_is_acknowledged_without_python(
+    tmp_path: Path, server: Any, threads: bool, python_acks: Counter[str]
+) -> None:
+    digests: list[bytes] = []
+    port = await server(sink(digests))
+    data = pattern(SIZE, 3)
+    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
+        with trio.fail_after(60):
+            conn = await net.connect(str(GW4), port)
+            await conn.send_all(b"x")  # the handshake's ACK handled: the native path may take over
+            acks_before = python_acks["pure"]
+            await conn.send_all(data, fin=True)
+            await until(lambda: bool(digests), "the host side to read to the end")
+        counters = stack_of(net).tcp.counters()
+    assert digests == [hashlib.sha256(b"x" + data).digest()]
+    assert counters["native_tx_frames"] > 100
+    # one native ACK per batch; Python's ACKs are the odd one at the edges
+    # one native ACK per TX batch (the scripted guest sends a window at a time);
+    # Python's own pure ACKs are the odd one at the edges (after the FIN)
+    assert counters["native_acks"] >= 10, counters
+    assert python_acks["pure"] - acks_before <= 2, (python_acks, counters)
+
+
+async def test_a_zero_window_is_left_to_python_and_reopens(
+    tmp_path: Path, server: Any, threads: bool, python_acks: Counter[str]
+) -> None:
+    """A host peer that does not read fills its socket: the native path does
+    not advertise a closed window itself, Python does (and keeps looking at
+    it); once the peer reads, the stream completes intact."""
+    digests: list[bytes] = []
+    gate = trio.Event()
+    port = await server(sink(digests, gate))
+    data = pattern(SIZE_PAST_BUFFERS, 5)
+    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
+        stack = stack_of(net)
+        with trio.fail_after(60):
+            conn = await net.connect(str(GW4), port)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.send_all, data, True)
+                await until(lambda: python_acks["zero_window"] > 0, "a zero window to the guest")
+                assert stack.tcp.counters()["acks_to_python"] > 0
+                [flow] = stack.tcp.flows.values()
+                assert flow.conn.native_ack is False  # closed: Python's until it opens
+                gate.set()
+            await until(lambda: bool(digests), "the host side to read to the end")
+        counters = stack.tcp.counters()
+    assert digests == [hashlib.sha256(data).digest()]
+    assert counters["native_acks"] > 0
