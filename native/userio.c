@@ -534,9 +534,28 @@ static void follow(struct tn_utable *t, int slot, uint8_t pair)
     pthread_mutex_unlock(&locks(t)->move);
 }
 
+/* End the TCP run (tn_tcp_run_flush) before any later chain is used.  When
+ * the socket refused its tail, those chains and the `extra` ones popped after
+ * them are rewound (the next batch hands them to Python): 1, stop the batch. */
+static int tcp_end(struct tn_utable *t, struct tn_tcp_run *trun, struct tn_vq *vq,
+                   struct tn_tcp_acks *acks, struct tn_batch *b, int *done, uint16_t extra)
+{
+    if (trun->n == 0)
+        return 0;
+    uint64_t unbytes;
+    uint32_t back = tn_tcp_run_flush(t->tcp, trun, vq, acks, &unbytes);
+    if (back == 0)
+        return 0;
+    tn_vq_rewind(vq, (uint16_t)(back + extra));
+    *done -= (int)back;
+    b->packets -= back;
+    b->bytes -= unbytes;
+    return 1;
+}
+
 static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, uint32_t max,
                    struct tn_utable *t, uint8_t pair, struct tn_slow *slow, struct tn_batch *b,
-                   struct tn_tcp_acks *acks)
+                   struct tn_tcp_acks *acks, struct tn_tcp_run *trun)
 {
     struct iovec iov[TN_MAX_CHAIN_IOV];
     struct tx_run run = {.fd = -1};
@@ -557,6 +576,7 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
         int rc = tn_vq_pop_iov(vq, m, DIR_READ, iov, TN_MAX_CHAIN_IOV, &niov, &nread, &rl, &wl,
                                &head);
         if (rc < 0) {
+            tcp_end(t, trun, vq, acks, b, &done, 0);
             run_flush(&run, t, b);
             if (done)
                 tn_vq_publish(vq);
@@ -573,6 +593,8 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
         struct iovec *ch = iov + start;
         uint32_t nch = niov - start;
         if (rl < hdr_len + ETH_LEN || rl > TN_MAX_FRAME) {
+            if (tcp_end(t, trun, vq, acks, b, &done, 1))
+                break;
             b->drops_bad_frame++;
             tn_vq_push(vq, head, 0);
             done++;
@@ -586,13 +608,23 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
         int slot = -1;
         if (hdr_len <= VNET_HDR_MAX && gso == 0 && parse_udp(h + hdr_len, got - hdr_len, flen, &u))
             slot = find(t, u.v6, u.src, u.dst, u.sport, u.dport);
-        if (slot < 0 && gso == 0 && tn_tcp_tx_fast(t->tcp, ch, nch, hdr_len, flen, flags, pair, acks)) {
+        int joined = 0;  /* TCP data of the fast path: into the run, sent when it ends */
+        if (slot < 0 && gso == 0 && t->tcp != NULL) {
+            joined = tn_tcp_tx_join(t->tcp, trun, ch, nch, hdr_len, flen, flags, pair, head);
+            if (joined == 2) {
+                if (tcp_end(t, trun, vq, acks, b, &done, 1))
+                    break;
+                joined = tn_tcp_tx_join(t->tcp, trun, ch, nch, hdr_len, flen, flags, pair, head);
+            }
+        }
+        if (joined == 1) {
             b->packets++;
             b->bytes += flen;
-            tn_vq_push(vq, head, 0);
             done++;
             continue;
         }
+        if (tcp_end(t, trun, vq, acks, b, &done, 1))
+            break;
         if (slot < 0) {
             if (!to_slow(slow, ch, nch, hdr_len, flen, pair, flags)) {
                 tn_vq_rewind(vq, 1);  /* Python drains slow and calls again */
@@ -636,6 +668,8 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
         run.n++;
         run.niov = (uint32_t)(pl - iov) + npl;
     }
+    if (tcp_end(t, trun, vq, acks, b, &done, 0))
+        b->ring_empty = 0;  /* the rewound chains are waiting */
     run_flush(&run, t, b);
     if (done)
         tn_vq_publish(vq);
@@ -646,9 +680,12 @@ int tn_user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, uint3
                struct tn_utable *t, uint8_t pair, struct tn_slow *slow, struct tn_batch *b)
 {
     struct tn_tcp_acks acks;
+    struct tn_tcp_run trun;
     acks.n = 0;
+    trun.c = NULL;
+    trun.n = trun.npl = trun.bytes = 0;
     read_lock(t);
-    int rc = user_tx(vq, m, hdr_len, max, t, pair, slow, b, &acks);
+    int rc = user_tx(vq, m, hdr_len, max, t, pair, slow, b, &acks, &trun);
     if (acks.n > 0)
         tn_tcp_acks_flush(t->tcp, &acks, pair);  /* one ACK per connection per batch */
     unlock(t);

@@ -51,6 +51,7 @@ struct tn_tcpc {
     uint8_t tmpl[TN_TCPC_TMPL_MAX];
     /* the TX fast path (under lock) */
     uint8_t fast;                 /* Python lets it take this connection's frames */
+    uint8_t held;                 /* Python has it (between pause and resume) */
     uint8_t pair;                 /* of the last frame it took */
     uint32_t rcv_nxt, snd_una;
     uint16_t window_field;
@@ -66,7 +67,7 @@ struct tn_tcpc {
 
 #define TT_SLOTS 32768            /* open addressing, at most a quarter full */
 #define TT_MAX 8192
-#define TT_LIST 1024
+#define TT_LIST TT_MAX            /* every connection fits: listing never fails */
 #define TT_MASK (TT_SLOTS - 1)
 #define VNET_F_NEEDS_CSUM 1
 #define TN_TCP_PAIRS 16
@@ -78,7 +79,7 @@ struct tn_ttable {
     uint32_t n;
     uint32_t nlisted;
     uint8_t signal;               /* listed since the worker last signalled */
-    uint64_t fast_frames, fast_bytes, native_acks, acks_to_python;
+    uint64_t fast_frames, fast_bytes, fast_sends, fast_partial, native_acks, acks_to_python;
     struct tn_uoutq *out[TN_TCP_PAIRS];
     struct tn_tcpc *list[TT_LIST];
     struct tn_tcpc *slot[TT_SLOTS];
@@ -567,6 +568,7 @@ void tn_tcpc_pause(struct tn_tcpc *c, struct tn_tcpc_sync *out)
 {
     pthread_mutex_lock(&c->lock);
     c->fast = 0;
+    c->held = 1;
     out->rcv_nxt = c->rcv_nxt;
     out->acked = c->acked;
     out->rcv_edge = c->rcv_edge;
@@ -587,6 +589,7 @@ void tn_tcpc_resume(struct tn_tcpc *c, uint32_t rcv_nxt, uint32_t snd_una, uint1
     c->snd_una = snd_una;
     c->window_field = window_field;
     c->fast = fast != 0 && c->fd >= 0;
+    c->held = 0;
     c->snd_nxt = snd_nxt;
     c->rcv_edge = rcv_edge;
     c->ws = ws > 14 ? 14 : ws;
@@ -599,6 +602,16 @@ void tn_ttable_set_out(struct tn_ttable *t, uint32_t pair, struct tn_uoutq *q)
 {
     if (pair < TN_TCP_PAIRS)
         t->out[pair] = q;
+}
+
+uint64_t tn_ttable_fast_sends(const struct tn_ttable *t)
+{
+    return __atomic_load_n(&t->fast_sends, __ATOMIC_RELAXED);
+}
+
+uint64_t tn_ttable_fast_partial(const struct tn_ttable *t)
+{
+    return __atomic_load_n(&t->fast_partial, __ATOMIC_RELAXED);
 }
 
 uint64_t tn_ttable_native_acks(const struct tn_ttable *t)
@@ -648,8 +661,9 @@ static int owe_ack(struct tn_tcp_acks *acks, struct tn_tcpc *c)
     return 1;
 }
 
-int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, uint32_t hdr_len,
-                   uint32_t flen, uint8_t vnet_flags, uint8_t pair, struct tn_tcp_acks *acks)
+int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, const struct iovec *ch,
+                   uint32_t nch, uint32_t hdr_len, uint32_t flen, uint8_t vnet_flags, uint8_t pair,
+                   uint16_t head)
 {
     uint8_t h[VNET_HDR_MAX + ETH_LEN + V6_LEN + TCP_LEN];
     if (t == NULL || hdr_len > VNET_HDR_MAX)
@@ -692,17 +706,25 @@ int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, ui
     uint32_t seq = rd32be(th + 4), ack = rd32be(th + 8);
     uint16_t window = rd16be(th + 14);
 
-    struct iovec pl[MAX_IOV];
-    uint32_t npl = ns_iov_window(ch, nch, hdr_len + l4 + TCP_LEN, plen, pl, MAX_IOV);
+    struct iovec pl[TN_TCP_RUN_IOV];
+    uint32_t npl = ns_iov_window(ch, nch, hdr_len + l4 + TCP_LEN, plen, pl, TN_TCP_RUN_IOV);
+    size_t covered = 0;
+    for (uint32_t k = 0; k < npl; k++)
+        covered += pl[k].iov_len;
+    if (covered != plen)  /* more pieces than a run holds */
+        return 0;
     pthread_rwlock_rdlock(&t->index_lock);
     int i = find_slot(t, v6, src, dst, sport, dport);
     struct tn_tcpc *c = i >= 0 ? t->slot[i] : NULL;
-    int taken = 0;
+    int rc = 0;
     if (c != NULL) {
         pthread_mutex_lock(&c->lock);
-        if (c->fast && c->fd >= 0) {
-            c->fast = 0;  /* unless this frame is taken whole, Python has it next */
-            int ok = seq == c->rcv_nxt && ack == c->snd_una && window == c->window_field;
+        if (run->n > 0 && (run->c != c || run->n >= TN_TCP_RUN_FRAMES ||
+                           run->npl + npl > TN_TCP_RUN_IOV)) {
+            rc = 2;  /* another connection's run, or a full one: flush it, then ask again */
+        } else if (c->fast && c->fd >= 0) {
+            uint32_t want = run->n > 0 ? run->seq + run->bytes : c->rcv_nxt;
+            int ok = seq == want && ack == c->snd_una && window == c->window_field;
             if (ok && !(vnet_flags & VNET_F_NEEDS_CSUM)) {
                 uint64_t acc;
                 if (v6) {
@@ -718,31 +740,75 @@ int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, ui
                 ok = ok && ns_fold(acc) == 0xffff;
             }
             if (ok) {
-                struct msghdr mh;
-                memset(&mh, 0, sizeof(mh));
-                mh.msg_iov = pl;
-                mh.msg_iovlen = npl;
-                ssize_t r = sendmsg(c->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
-                if (r > 0)
-                    c->rcv_nxt += (uint32_t)r;
-                /* a full list: the frame goes to Python, which learns rcv_nxt
-                 * from tn_tcpc_pause and acknowledges from there */
-                if (r == (ssize_t)plen &&
-                    ((c->ack && owe_ack(acks, c)) || list_for_ack(t, c))) {
-                    c->fast = 1;
-                    c->pair = pair;
-                    c->took = 1;
-                    taken = 1;
-                    __atomic_fetch_add(&t->fast_frames, 1, __ATOMIC_RELAXED);
-                    __atomic_fetch_add(&t->fast_bytes, plen, __ATOMIC_RELAXED);
+                if (run->n == 0) {
+                    __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
+                    run->c = c;
+                    run->seq = seq;
+                    run->bytes = run->npl = 0;
+                    run->pair = pair;
                 }
-                /* part of it (or none): Python sees seq behind rcv_nxt and sends the rest */
+                memcpy(run->pl + run->npl, pl, npl * sizeof(*pl));
+                run->npl += npl;
+                run->head[run->n] = head;
+                run->len[run->n] = plen;
+                run->flen[run->n] = flen;
+                run->n++;
+                run->bytes += plen;
+                rc = 1;
+            } else {
+                c->fast = 0;  /* this frame is Python's, and so is every later one */
             }
         }
         pthread_mutex_unlock(&c->lock);
     }
     pthread_rwlock_unlock(&t->index_lock);
-    return taken;
+    return rc;
+}
+
+uint32_t tn_tcp_run_flush(struct tn_ttable *t, struct tn_tcp_run *run, struct tn_vq *vq,
+                          struct tn_tcp_acks *acks, uint64_t *unbytes)
+{
+    struct tn_tcpc *c = run->c;
+    uint32_t n = run->n, k = 0;
+    *unbytes = 0;
+    if (n == 0)
+        return 0;
+    pthread_mutex_lock(&c->lock);
+    /* nothing moved under the run: Python does not hold the connection, and
+     * its stream is where the run starts */
+    if (c->fd >= 0 && !c->held && c->rcv_nxt == run->seq) {
+        struct msghdr mh;
+        memset(&mh, 0, sizeof(mh));
+        mh.msg_iov = run->pl;
+        mh.msg_iovlen = run->npl;
+        ssize_t r = sendmsg(c->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+        uint32_t sent = r > 0 ? (uint32_t)r : 0, whole = 0;
+        __atomic_fetch_add(&t->fast_sends, 1, __ATOMIC_RELAXED);
+        if (sent < run->bytes)
+            __atomic_fetch_add(&t->fast_partial, 1, __ATOMIC_RELAXED);
+        c->rcv_nxt += sent;
+        while (k < n && whole + run->len[k] <= sent)
+            whole += run->len[k++];
+        if (k > 0) {
+            c->pair = run->pair;
+            c->took = 1;
+            __atomic_fetch_add(&t->fast_frames, k, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&t->fast_bytes, whole, __ATOMIC_RELAXED);
+        }
+        if (sent < run->bytes)
+            c->fast = 0;  /* the rest goes to Python, which holds what the socket refuses */
+        if (sent > 0 && !(sent == run->bytes && c->ack && owe_ack(acks, c)))
+            list_for_ack(t, c);
+    }
+    pthread_mutex_unlock(&c->lock);
+    for (uint32_t i = 0; i < k; i++)
+        tn_vq_push(vq, run->head[i], 0);
+    for (uint32_t i = k; i < n; i++)
+        *unbytes += run->flen[i];
+    unref(c);
+    run->c = NULL;
+    run->n = run->npl = run->bytes = 0;
+    return n - k;
 }
 
 /* The window field for c's socket as Python's _window computes it (c locked,

@@ -64,13 +64,15 @@ void tn_tcpc_stats_get(struct tn_tcpc_stats *out);
  * Python allowed it for the connection (tn_tcpc_resume with fast = 1) and
  * it is the plainest kind: ACK (PSH) only, no options, in order (seq =
  * rcv_nxt), acknowledging nothing new (ack = snd_una, the same window
- * field), with payload and good checksums.  Its payload is sent from the
- * descriptors with one sendmsg, rcv_nxt advances, and the connection is
- * listed for Python to acknowledge (tn_ttable_take).  Anything else, a
- * send the socket takes only in part, or any frame while Python has the
- * connection (between tn_tcpc_pause and tn_tcpc_resume) goes to Python,
- * and the connection stays Python's until it resumes it: frames of one
- * connection are never reordered. */
+ * field), with payload and good checksums.  A batch's consecutive such
+ * segments of one connection are sent from the descriptors with one sendmsg
+ * (struct tn_tcp_run), rcv_nxt advances, and the connection is acknowledged
+ * natively (tn_tcp_acks_flush) or listed for Python (tn_ttable_take).
+ * Anything else, the segments of a run the socket did not take whole (their
+ * chains are rewound and reach Python in the next batch), or any frame while
+ * Python has the connection (between tn_tcpc_pause and tn_tcpc_resume) goes
+ * to Python, and the connection stays Python's until it resumes it: frames
+ * of one connection are never reordered. */
 
 struct tn_ttable;
 
@@ -86,9 +88,13 @@ void tn_ttable_del(struct tn_ttable *t, struct tn_tcpc *c);
 /* Connections the fast path took data for since the last call (at most max
  * into out); each listed once. */
 uint32_t tn_ttable_take(struct tn_ttable *t, struct tn_tcpc **out, uint32_t max);
-/* Frames taken natively, and sent bytes, since the table was made. */
+/* Frames taken natively, and sent bytes, since the table was made; the
+ * sendmsg calls that sent them (one per run of a connection's segments in a
+ * TX batch), and the runs the socket took only part of. */
 uint64_t tn_ttable_fast_frames(const struct tn_ttable *t);
 uint64_t tn_ttable_fast_bytes(const struct tn_ttable *t);
+uint64_t tn_ttable_fast_sends(const struct tn_ttable *t);
+uint64_t tn_ttable_fast_partial(const struct tn_ttable *t);
 /* The queue pair of the last frame the fast path took for c (replies go there). */
 int tn_tcpc_pair(const struct tn_tcpc *c);
 
@@ -156,11 +162,34 @@ struct tn_tcp_acks {
     uint32_t n;
     struct tn_tcpc *c[TN_TCP_ACKS_MAX];
 };
-/* For tn_user_tx: 1 when the frame (f: its first got bytes after the
- * virtio-net header, flen in all; ch: the chain) was taken by the fast path,
- * 0 when it goes to Python. */
-int tn_tcp_tx_fast(struct tn_ttable *t, const struct iovec *ch, uint32_t nch, uint32_t hdr_len,
-                   uint32_t flen, uint8_t vnet_flags, uint8_t pair, struct tn_tcp_acks *acks);
+/* A run of one connection's in-order data segments from one TX batch, sent
+ * with one sendmsg when it ends (tn_tcp_run_flush).  Its chains are popped
+ * but not yet used: the run's chains are always the last ones popped. */
+#define TN_TCP_RUN_FRAMES 256
+#define TN_TCP_RUN_IOV 1024
+struct tn_tcp_run {
+    struct tn_tcpc *c;            /* a reference while the run is open */
+    uint32_t seq, bytes, n, npl;
+    uint8_t pair;
+    uint16_t head[TN_TCP_RUN_FRAMES];
+    uint32_t len[TN_TCP_RUN_FRAMES], flen[TN_TCP_RUN_FRAMES];
+    struct iovec pl[TN_TCP_RUN_IOV];
+};
+/* For tn_user_tx: the frame (flen bytes after the virtio-net header; ch: the
+ * chain with that head) is 1 taken into the run (the chain is the run's
+ * now), 0 not for the fast path (the connection stays Python's for the rest
+ * of the batch), 2 for the fast path but not this run: flush it and ask
+ * again. */
+int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, const struct iovec *ch,
+                   uint32_t nch, uint32_t hdr_len, uint32_t flen, uint8_t vnet_flags, uint8_t pair,
+                   uint16_t head);
+/* Send the run with one sendmsg: the chains of the segments the socket took
+ * whole are used; returns how many of the last chains were not (the caller
+ * rewinds them: the next batch hands them to Python, which holds what the
+ * socket refuses), their frames' bytes in *unbytes.  A run whose connection
+ * Python took meanwhile sends nothing. */
+uint32_t tn_tcp_run_flush(struct tn_ttable *t, struct tn_tcp_run *run, struct tn_vq *vq,
+                          struct tn_tcp_acks *acks, uint64_t *unbytes);
 /* After the batch: one ACK per connection in acks into the outbox of pair
  * (or the connection listed for Python); acks is empty afterwards. */
 void tn_tcp_acks_flush(struct tn_ttable *t, struct tn_tcp_acks *acks, uint8_t pair);

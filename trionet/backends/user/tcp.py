@@ -669,6 +669,8 @@ class TcpFlows:
         }
         data["native_tx_frames"] = int(lib.tn_ttable_fast_frames(self.table))
         data["native_tx_bytes"] = int(lib.tn_ttable_fast_bytes(self.table))
+        data["native_tx_sends"] = int(lib.tn_ttable_fast_sends(self.table))
+        data["native_tx_partial"] = int(lib.tn_ttable_fast_partial(self.table))
         data["native_acks"] = int(lib.tn_ttable_native_acks(self.table))
         data["acks_to_python"] = int(lib.tn_ttable_acks_to_python(self.table))
         return {"connections": len(self.flows), **self.stats, **data}
