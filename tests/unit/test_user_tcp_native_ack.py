@@ -12,14 +12,15 @@ from __future__ import annotations
 import hashlib
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from tests.fakes.tcpguest import guest_net
+from tests.fakes.tcpguest import GuestNet, guest_net
 from tests.fakes.userguest import GW4, make_config, user_guest
 from tests.unit.test_user_tcp_loopback import pattern, read_to_eof, server, stack_of, threads
 from tests.waits import until
@@ -62,6 +63,19 @@ def sink(digests: list[bytes], gate: trio.Event | None = None) -> Callable[[Any]
     return handle
 
 
+@asynccontextmanager
+async def gated_peer(
+    tmp_path: Path, server: Any, threads: bool
+) -> AsyncIterator[tuple[GuestNet, int, trio.Event, list[bytes]]]:
+    """The scripted guest's network, and a host peer on the port given that
+    reads to the end once the event is set (the digests of what it read)."""
+    digests: list[bytes] = []
+    gate = trio.Event()
+    port = await server(sink(digests, gate))
+    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
+        yield net, port, gate, digests
+
+
 async def test_a_guest_stream_is_sent_in_runs_and_acknowledged_without_python(
     tmp_path: Path, server: Any, threads: bool, python_acks: Counter[str]
 ) -> None:
@@ -97,11 +111,8 @@ async def test_a_zero_window_is_left_to_python_and_reopens(
     """A host peer that does not read fills its socket: the native path does
     not advertise a closed window itself, Python does (and keeps looking at
     it); once the peer reads, the stream completes intact."""
-    digests: list[bytes] = []
-    gate = trio.Event()
-    port = await server(sink(digests, gate))
     data = pattern(SIZE_PAST_BUFFERS, 5)
-    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
+    async with gated_peer(tmp_path, server, threads) as (net, port, gate, digests):
         stack = stack_of(net)
         with trio.fail_after(60):
             conn = await net.connect(str(GW4), port)
@@ -125,11 +136,8 @@ async def test_a_run_the_socket_takes_in_part_reaches_python_intact(
     one sendmsg of a run is taken only in part.  The segments it did not take
     whole go to Python (which holds what the socket refuses); nothing is lost
     or sent twice."""
-    digests: list[bytes] = []
-    gate = trio.Event()
-    port = await server(sink(digests, gate))
     data = pattern(SIZE, 9)
-    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
+    async with gated_peer(tmp_path, server, threads) as (net, port, gate, digests):
         stack = stack_of(net)
         with trio.fail_after(60):
             conn = await net.connect(str(GW4), port)
