@@ -60,7 +60,7 @@ struct tn_tcpc {
     uint32_t snd_nxt, mss, acked, rcv_edge;
     uint16_t ack_window;
     /* the table (under the table's locks) */
-    uint8_t indexed, listed, v6;
+    uint8_t indexed, listed, gone, v6;  /* gone: deleted, never listed again */
     uint8_t src[16], dst[16];
     uint16_t sport, dport;
 };
@@ -527,6 +527,7 @@ void tn_ttable_del(struct tn_ttable *t, struct tn_tcpc *c)
         }
     }
     c->listed = 0;
+    c->gone = 1;
     pthread_mutex_unlock(&t->list_lock);
     if (i >= 0)
         unref(c);
@@ -561,8 +562,6 @@ int tn_ttable_should_signal(struct tn_ttable *t)
         return 0;
     return __atomic_exchange_n(&t->signal, 0, __ATOMIC_ACQ_REL);
 }
-
-int tn_tcpc_pair(const struct tn_tcpc *c) { return __atomic_load_n(&c->pair, __ATOMIC_RELAXED); }
 
 void tn_tcpc_pause(struct tn_tcpc *c, struct tn_tcpc_sync *out)
 {
@@ -624,22 +623,18 @@ uint64_t tn_ttable_acks_to_python(const struct tn_ttable *t)
     return __atomic_load_n(&t->acks_to_python, __ATOMIC_RELAXED);
 }
 
-/* List c for Python to acknowledge (c locked).  0: the list is full. */
-static int list_for_ack(struct tn_ttable *t, struct tn_tcpc *c)
+/* List c for Python to acknowledge (c locked).  The list holds every
+ * connection (TT_LIST), and none that tn_ttable_del removed: a run or an ACK
+ * flushed after Python deleted c leaves no pointer to it behind. */
+static void list_for_ack(struct tn_ttable *t, struct tn_tcpc *c)
 {
-    int ok = 1;
     pthread_mutex_lock(&t->list_lock);
-    if (!c->listed) {
-        if (t->nlisted < TT_LIST) {
-            t->list[t->nlisted++] = c;
-            c->listed = 1;
-            __atomic_store_n(&t->signal, 1, __ATOMIC_RELEASE);
-        } else {
-            ok = 0;
-        }
+    if (!c->listed && !c->gone) {
+        t->list[t->nlisted++] = c;
+        c->listed = 1;
+        __atomic_store_n(&t->signal, 1, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&t->list_lock);
-    return ok;
 }
 
 static inline uint16_t rd16be(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
@@ -653,7 +648,7 @@ static int owe_ack(struct tn_tcp_acks *acks, struct tn_tcpc *c)
 {
     if (c->owed)
         return 1;
-    if (acks == NULL || acks->n >= TN_TCP_ACKS_MAX)
+    if (acks->n >= TN_TCP_ACKS_MAX)
         return 0;
     __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
     c->owed = 1;
@@ -706,21 +701,22 @@ int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, const struct iov
     uint32_t seq = rd32be(th + 4), ack = rd32be(th + 8);
     uint16_t window = rd16be(th + 14);
 
-    struct iovec pl[TN_TCP_RUN_IOV];
-    uint32_t npl = ns_iov_window(ch, nch, hdr_len + l4 + TCP_LEN, plen, pl, TN_TCP_RUN_IOV);
+    /* the payload's pieces go straight after the run's (kept only if it joins) */
+    struct iovec *pl = run->pl + run->npl;
+    uint32_t npl = ns_iov_window(ch, nch, hdr_len + l4 + TCP_LEN, plen, pl,
+                                 TN_TCP_RUN_IOV - run->npl);
     size_t covered = 0;
     for (uint32_t k = 0; k < npl; k++)
         covered += pl[k].iov_len;
-    if (covered != plen)  /* more pieces than a run holds */
-        return 0;
+    if (covered != plen)  /* no room left in the run's iovecs (or more than a run holds) */
+        return run->n > 0 ? 2 : 0;
     pthread_rwlock_rdlock(&t->index_lock);
     int i = find_slot(t, v6, src, dst, sport, dport);
     struct tn_tcpc *c = i >= 0 ? t->slot[i] : NULL;
     int rc = 0;
     if (c != NULL) {
         pthread_mutex_lock(&c->lock);
-        if (run->n > 0 && (run->c != c || run->n >= TN_TCP_RUN_FRAMES ||
-                           run->npl + npl > TN_TCP_RUN_IOV)) {
+        if (run->n > 0 && (run->c != c || run->n >= TN_TCP_RUN_FRAMES)) {
             rc = 2;  /* another connection's run, or a full one: flush it, then ask again */
         } else if (c->fast && c->fd >= 0) {
             uint32_t want = run->n > 0 ? run->seq + run->bytes : c->rcv_nxt;
@@ -747,7 +743,6 @@ int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, const struct iov
                     run->bytes = run->npl = 0;
                     run->pair = pair;
                 }
-                memcpy(run->pl + run->npl, pl, npl * sizeof(*pl));
                 run->npl += npl;
                 run->head[run->n] = head;
                 run->len[run->n] = plen;
@@ -811,30 +806,46 @@ uint32_t tn_tcp_run_flush(struct tn_ttable *t, struct tn_tcp_run *run, struct tn
     return n - k;
 }
 
-/* The window field for c's socket as Python's _window computes it (c locked,
- * fd open); 0 means a zero window (Python's to send). */
-static uint16_t ack_window(const struct tn_tcpc *c)
+/* Free space of fd's send buffer for payload (the share of the buffer's
+ * memory that is payload), its queued bytes and its buffer size. */
+static int64_t send_space(int fd, uint32_t *outq_out, uint32_t *sndbuf_out)
 {
     uint32_t mem[SK_MEMINFO_VARS] = {0};
     socklen_t ml = sizeof(mem);
     int outq = 0;
-    if (getsockopt(c->fd, SOL_SOCKET, SO_MEMINFO, mem, &ml) < 0 ||
-        ioctl(c->fd, SIOCOUTQ, &outq) < 0)
-        return 0;
-    uint64_t sndbuf = mem[SK_MEMINFO_SNDBUF], queued = mem[SK_MEMINFO_WMEM_QUEUED], space;
+    if (getsockopt(fd, SOL_SOCKET, SO_MEMINFO, mem, &ml) < 0 || ioctl(fd, SIOCOUTQ, &outq) < 0)
+        return -errno;
+    uint64_t sndbuf = mem[SK_MEMINFO_SNDBUF], queued = mem[SK_MEMINFO_WMEM_QUEUED];
+    *outq_out = outq > 0 ? (uint32_t)outq : 0;
+    *sndbuf_out = (uint32_t)sndbuf;
     if (queued >= sndbuf)
         return 0;
     if (outq > 0 && queued > (uint64_t)outq)
-        space = (sndbuf - queued) * (uint64_t)outq / queued;  /* the payload's share */
-    else
-        space = (sndbuf - queued) / 2;
+        return (int64_t)((sndbuf - queued) * (uint64_t)outq / queued);
+    return (int64_t)((sndbuf - queued) / 2);
+}
+
+int64_t tn_tcpc_space(struct tn_tcpc *c, uint32_t *outq, uint32_t *sndbuf)
+{
+    pthread_mutex_lock(&c->lock);
+    int64_t r = c->fd >= 0 ? send_space(c->fd, outq, sndbuf) : -EBADF;
+    pthread_mutex_unlock(&c->lock);
+    return r;
+}
+
+/* The window field for c's socket, by the rule of Python's TcpConn._window
+ * (c locked, fd open): silly windows (below min(mss, half the payload share
+ * of the buffer) while data is queued) and a full buffer give 0, which is
+ * Python's to send. */
+static uint16_t ack_window(const struct tn_tcpc *c)
+{
+    uint32_t outq, sndbuf;
+    int64_t space = send_space(c->fd, &outq, &sndbuf);
     uint64_t capacity = sndbuf / 2, sws = c->mss < capacity / 2 ? c->mss : capacity / 2;
-    if (space < sws && outq > 0)
+    if (space <= 0 || ((uint64_t)space < sws && outq > 0))
         return 0;
     uint64_t cap = (uint64_t)0xFFFF << c->ws;
-    if (space > cap)
-        space = cap;
-    return (uint16_t)(space >> c->ws);
+    return (uint16_t)(((uint64_t)space > cap ? cap : (uint64_t)space) >> c->ws);
 }
 
 void tn_tcp_acks_flush(struct tn_ttable *t, struct tn_tcp_acks *acks, uint8_t pair)
@@ -867,7 +878,7 @@ void tn_tcp_acks_flush(struct tn_ttable *t, struct tn_tcp_acks *acks, uint8_t pa
             c->ack_window = field;
             c->acks = 1;
         } else {
-            list_for_ack(t, c);  /* Python acknowledges (a full list: its next pause does) */
+            list_for_ack(t, c);  /* a zero window, or Python has it: Python acknowledges */
         }
         pthread_mutex_unlock(&c->lock);
         /* the outbox's lock is taken before connections' (its drain peeks), never after */

@@ -95,8 +95,10 @@ uint64_t tn_ttable_fast_frames(const struct tn_ttable *t);
 uint64_t tn_ttable_fast_bytes(const struct tn_ttable *t);
 uint64_t tn_ttable_fast_sends(const struct tn_ttable *t);
 uint64_t tn_ttable_fast_partial(const struct tn_ttable *t);
-/* The queue pair of the last frame the fast path took for c (replies go there). */
-int tn_tcpc_pair(const struct tn_tcpc *c);
+/* The free space of c's send buffer for payload (-errno on error; -EBADF
+ * once closed), with the bytes queued in it and its size: the one measure
+ * both Python's window and the native ACKs' are made from. */
+int64_t tn_tcpc_space(struct tn_tcpc *c, uint32_t *outq, uint32_t *sndbuf);
 
 /* What the fast path did to a connection since Python last resumed it. */
 struct tn_tcpc_sync {

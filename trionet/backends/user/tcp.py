@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import logging
 import os
 import select
 import socket
 import struct
-import termios
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,8 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SO_MEMINFO = 55
-SK_MEMINFO_SNDBUF, SK_MEMINFO_WMEM_QUEUED = 3, 5
 MAX_TCP_FLOWS = 8192  # two fds each: the socket and its epoll set
 FAST_TAKE = 1024  # connections the native TX path took data for, taken at once
 OUTBOX_RESERVE = 64  # outbox slots left for other traffic
@@ -129,7 +125,8 @@ class HostSocket:
     is shared with the native side (``struct tn_tcpc``), which peeks the
     guest's data from it: how much is there, and dropping what the guest
     acknowledged, go through the native part too.  Free send space from
-    ``SO_MEMINFO`` and ``SIOCOUTQ``."""
+    ``SO_MEMINFO`` and ``SIOCOUTQ``, measured natively (``tn_tcpc_space``, the
+    same measure the native ACKs use)."""
 
     def __init__(self, sock: socket.socket, native: Any) -> None:
         self.sock = sock
@@ -137,6 +134,7 @@ class HostSocket:
         self.outq = 0
         self.sndbuf = 0
         self.aborted = False
+        self._space_out = (ffi.new("uint32_t *"), ffi.new("uint32_t *"))
 
     def available(self, offset: int) -> int:
         n = int(lib.tn_tcpc_avail(self.native, offset))
@@ -162,18 +160,14 @@ class HostSocket:
             return 0
 
     def space(self) -> int:
-        raw = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36)
-        mem: tuple[int, ...] = struct.unpack("9I", raw.ljust(36, b"\0"))
-        sndbuf, queued = mem[SK_MEMINFO_SNDBUF], mem[SK_MEMINFO_WMEM_QUEUED]
-        self.sndbuf = sndbuf
-        buf = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-        self.outq = int.from_bytes(buf, "little", signed=True)
-        if queued >= sndbuf:
+        if self.native == ffi.NULL:
             return 0
-        if self.outq and queued > self.outq:
-            # the share of the queue's memory that is payload
-            return (sndbuf - queued) * self.outq // queued
-        return (sndbuf - queued) // 2
+        outq, sndbuf = self._space_out
+        n = int(lib.tn_tcpc_space(self.native, outq, sndbuf))
+        if n < 0:
+            raise OSError(-n, os.strerror(-n))
+        self.outq, self.sndbuf = int(outq[0]), int(sndbuf[0])
+        return n
 
     def queued(self) -> int:
         return self.outq
@@ -494,10 +488,8 @@ class TcpFlows:
                 lib.tn_tcpc_pause(native, sync)
                 if sync.took:  # replies follow the pair of the guest's last segment
                     flow.wire.pair = self.stack.home(int(sync.pair))
-                if sync.acks:
-                    conn.took(sync.rcv_nxt, now, sync.acked, sync.window, sync.rcv_edge)
-                else:
-                    conn.took(sync.rcv_nxt, now)
+                acked = int(sync.acked) if sync.acks else None
+                conn.took(sync.rcv_nxt, now, acked, sync.window, sync.rcv_edge)
             step(now)
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, "error")
