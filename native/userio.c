@@ -610,14 +610,17 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
             slot = find(t, u.v6, u.src, u.dst, u.sport, u.dport);
         int joined = 0;  /* TCP data of the fast path: into the run, sent when it ends */
         if (slot < 0 && gso == 0 && t->tcp != NULL) {
-            joined = tn_tcp_tx_join(t->tcp, trun, ch, nch, hdr_len, flen, flags, pair, head);
+            joined = tn_tcp_tx_join(t->tcp, trun, acks, ch, nch, hdr_len, flen, flags, pair, head);
             if (joined == 2) {
                 if (tcp_end(t, trun, vq, acks, b, &done, 1))
                     break;
-                joined = tn_tcp_tx_join(t->tcp, trun, ch, nch, hdr_len, flen, flags, pair, head);
+                joined = tn_tcp_tx_join(t->tcp, trun, acks, ch, nch, hdr_len, flen, flags, pair,
+                                        head);
             }
         }
-        if (joined == 1) {
+        if (joined == 1 || joined == 3) {  /* 3: a guest ACK, done with */
+            if (joined == 3)
+                tn_vq_push(vq, head, 0);
             b->packets++;
             b->bytes += flen;
             done++;

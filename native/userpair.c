@@ -153,31 +153,36 @@ static int append(struct tn_uoutq *q, uint8_t *buf, uint32_t len)
     return 1;
 }
 
-int tn_uout_put_tcp(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
-                    uint16_t window, uint8_t flags, uint32_t len, uint32_t mss)
+int tn_uout_put_tcp_locked(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
+                           uint16_t window, uint8_t flags, uint32_t len, uint32_t mss)
 {
     if (len == 0 || mss == 0 || mss > TN_MAX_FRAME)
         return -EINVAL;
     int queued = 0;
-    pthread_mutex_lock(qlock(q));
     for (uint32_t off = 0; off < len; off += mss) {
         uint32_t chunk = len - off < mss ? len - off : mss;
         uint8_t f = off + chunk < len ? (uint8_t)(flags & ~TN_TCP_PSH) : flags;
         struct tn_tcp_entry *e = tn_tcp_entry_new(c, seq + off, ack, window, f, chunk);
-        if (e == NULL) {
-            pthread_mutex_unlock(qlock(q));
+        if (e == NULL)
             return queued ? queued : -ENOMEM;
-        }
         if (append(q, (uint8_t *)e, TN_UOUT_LAZY | chunk))
             queued++;
         else
             tn_tcp_entry_free(e);  /* full: counted in dropped, as are the rest */
     }
+    return queued;
+}
+
+int tn_uout_put_tcp(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
+                    uint16_t window, uint8_t flags, uint32_t len, uint32_t mss)
+{
+    pthread_mutex_lock(qlock(q));
+    int queued = tn_uout_put_tcp_locked(q, c, seq, ack, window, flags, len, mss);
     pthread_mutex_unlock(qlock(q));
     return queued;
 }
 
-int tn_uout_put(struct tn_uoutq *q, const uint8_t *frame, uint32_t len)
+int tn_uout_put_locked(struct tn_uoutq *q, const uint8_t *frame, uint32_t len)
 {
     if (len == 0 || len > TN_MAX_FRAME)
         return -EINVAL;
@@ -185,13 +190,23 @@ int tn_uout_put(struct tn_uoutq *q, const uint8_t *frame, uint32_t len)
     if (buf == NULL)
         return -ENOMEM;
     memcpy(buf + HEADROOM, frame, len);
-    pthread_mutex_lock(qlock(q));
     int ok = append(q, buf, len);
-    pthread_mutex_unlock(qlock(q));
     if (!ok)
         free(buf);
     return ok;
 }
+
+int tn_uout_put(struct tn_uoutq *q, const uint8_t *frame, uint32_t len)
+{
+    pthread_mutex_lock(qlock(q));
+    int ok = tn_uout_put_locked(q, frame, len);
+    pthread_mutex_unlock(qlock(q));
+    return ok;
+}
+
+void tn_uout_lock(struct tn_uoutq *q) { pthread_mutex_lock(qlock(q)); }
+void tn_uout_unlock(struct tn_uoutq *q) { pthread_mutex_unlock(qlock(q)); }
+uint32_t tn_uout_room_locked(const struct tn_uoutq *q) { return q->n < q->limit ? q->limit - q->n : 0; }
 
 uint32_t tn_uout_move(struct tn_uoutq *from, struct tn_uoutq *to)
 {

@@ -73,6 +73,19 @@ int tn_uout_drain(struct tn_uoutq *q, struct tn_vq *vq, const struct tn_mem *m, 
                   uint32_t hdr_len, int data_valid, uint32_t max, struct tn_scratch *s,
                   struct tn_batch *b);
 
+/* cdef-skip */
+/* For the native TCP paths (usertcp.c), which take the outbox's mutex
+ * before a connection's (the drain's order), never after: tn_uout_put and
+ * tn_uout_put_tcp with the mutex held, and the frames it has room for. */
+struct tn_tcpc;
+void tn_uout_lock(struct tn_uoutq *q);
+void tn_uout_unlock(struct tn_uoutq *q);
+uint32_t tn_uout_room_locked(const struct tn_uoutq *q);
+int tn_uout_put_locked(struct tn_uoutq *q, const uint8_t *frame, uint32_t len);
+int tn_uout_put_tcp_locked(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
+                           uint16_t window, uint8_t flags, uint32_t len, uint32_t mss);
+/* cdef-end */
+
 struct tn_upair_io {
     struct tn_vq *tx;          /* NULL: TX not served */
     struct tn_vq *rx;          /* NULL: no RX */

@@ -59,6 +59,10 @@ struct tn_tcpc {
     uint8_t ack, ws, owed, acks, took;
     uint32_t snd_nxt, mss, acked, rcv_edge;
     uint16_t ack_window;
+    /* guest ACKs and host data (under lock): allowed by Python (push) */
+    uint8_t data, push, ws_from, moved, ack_owed, push_owed;
+    uint16_t our_field;           /* the window field last advertised */
+    uint32_t snd_wnd, max_snd_wnd;
     /* the table (under the table's locks) */
     uint8_t indexed, listed, gone, v6;  /* gone: deleted, never listed again */
     uint8_t src[16], dst[16];
@@ -80,6 +84,7 @@ struct tn_ttable {
     uint32_t nlisted;
     uint8_t signal;               /* listed since the worker last signalled */
     uint64_t fast_frames, fast_bytes, fast_sends, fast_partial, native_acks, acks_to_python;
+    uint64_t guest_acks, push_segments;
     struct tn_uoutq *out[TN_TCP_PAIRS];
     struct tn_tcpc *list[TT_LIST];
     struct tn_tcpc *slot[TT_SLOTS];
@@ -225,14 +230,10 @@ int64_t tn_tcpc_avail(struct tn_tcpc *c, uint32_t offset)
     return rc;
 }
 
-int64_t tn_tcpc_consume(struct tn_tcpc *c, uint32_t n)
+/* Drop n bytes from the receive queue's head (c locked, fd open). */
+static int64_t consume_locked(struct tn_tcpc *c, uint32_t n)
 {
     int64_t done = 0;
-    pthread_mutex_lock(&c->lock);
-    if (c->fd < 0) {
-        pthread_mutex_unlock(&c->lock);
-        return -EBADF;
-    }
     while ((uint32_t)done < n) {
         ssize_t r = recv(c->fd, NULL, n - (uint32_t)done, MSG_TRUNC | MSG_DONTWAIT);
         if (r < 0) {
@@ -250,6 +251,13 @@ int64_t tn_tcpc_consume(struct tn_tcpc *c, uint32_t n)
         c->una += (uint32_t)done;
         c->pos = c->pos > (uint32_t)done ? c->pos - (uint32_t)done : 0;  /* as the kernel does */
     }
+    return done;
+}
+
+int64_t tn_tcpc_consume(struct tn_tcpc *c, uint32_t n)
+{
+    pthread_mutex_lock(&c->lock);
+    int64_t done = c->fd >= 0 ? consume_locked(c, n) : -EBADF;
     pthread_mutex_unlock(&c->lock);
     return done;
 }
@@ -575,25 +583,33 @@ void tn_tcpc_pause(struct tn_tcpc *c, struct tn_tcpc_sync *out)
     out->acks = c->acks;
     out->took = c->took;
     out->pair = c->pair;
-    c->acks = c->took = 0;
+    out->snd_una = c->snd_una;
+    out->snd_nxt = c->snd_nxt;
+    out->guest_window = c->window_field;
+    out->moved = c->moved;
+    c->acks = c->took = c->moved = 0;
     pthread_mutex_unlock(&c->lock);
 }
 
-void tn_tcpc_resume(struct tn_tcpc *c, uint32_t rcv_nxt, uint32_t snd_una, uint16_t window_field,
-                    int fast, uint32_t snd_nxt, uint32_t rcv_edge, uint8_t ws, uint32_t mss,
-                    int ack)
+void tn_tcpc_resume(struct tn_tcpc *c, const struct tn_tcpc_state *st)
 {
     pthread_mutex_lock(&c->lock);
-    c->rcv_nxt = rcv_nxt;
-    c->snd_una = snd_una;
-    c->window_field = window_field;
-    c->fast = fast != 0 && c->fd >= 0;
+    c->rcv_nxt = st->rcv_nxt;
+    c->snd_una = st->snd_una;
+    c->window_field = st->window_field;
+    c->fast = st->fast != 0 && c->fd >= 0;
     c->held = 0;
-    c->snd_nxt = snd_nxt;
-    c->rcv_edge = rcv_edge;
-    c->ws = ws > 14 ? 14 : ws;
-    c->mss = mss;
-    c->ack = ack != 0;
+    c->snd_nxt = st->snd_nxt;
+    c->rcv_edge = st->rcv_edge;
+    c->ws = st->ws_to > 14 ? 14 : st->ws_to;
+    c->ws_from = st->ws_from > 14 ? 14 : st->ws_from;
+    c->mss = st->mss;
+    c->ack = st->ack != 0;
+    c->our_field = st->our_field;
+    c->snd_wnd = (uint32_t)st->window_field << c->ws_from;
+    c->max_snd_wnd = st->max_snd_wnd;
+    c->data = c->fast && st->data != 0;
+    c->push = c->fast && st->push != 0 && c->mss > 0;
     pthread_mutex_unlock(&c->lock);
 }
 
@@ -623,6 +639,16 @@ uint64_t tn_ttable_acks_to_python(const struct tn_ttable *t)
     return __atomic_load_n(&t->acks_to_python, __ATOMIC_RELAXED);
 }
 
+uint64_t tn_ttable_guest_acks(const struct tn_ttable *t)
+{
+    return __atomic_load_n(&t->guest_acks, __ATOMIC_RELAXED);
+}
+
+uint64_t tn_ttable_push_segments(const struct tn_ttable *t)
+{
+    return __atomic_load_n(&t->push_segments, __ATOMIC_RELAXED);
+}
+
 /* List c for Python to acknowledge (c locked).  The list holds every
  * connection (TT_LIST), and none that tn_ttable_del removed: a run or an ACK
  * flushed after Python deleted c leaves no pointer to it behind. */
@@ -643,22 +669,84 @@ static inline uint32_t rd32be(const uint8_t *p)
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-/* Owe c's guest an ACK after the batch (c locked): 0 when acks is full. */
-static int owe_ack(struct tn_tcp_acks *acks, struct tn_tcpc *c)
+/* c owes its guest something after the batch (c locked): an ACK for the
+ * data it sent (push 0), or the stream's next segments (push 1).  0 when
+ * acks is full. */
+static int owe(struct tn_tcp_acks *acks, struct tn_tcpc *c, int push)
 {
-    if (c->owed)
-        return 1;
-    if (acks->n >= TN_TCP_ACKS_MAX)
-        return 0;
-    __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
-    c->owed = 1;
-    acks->c[acks->n++] = c;
+    if (!c->owed) {
+        if (acks->n >= TN_TCP_ACKS_MAX)
+            return 0;
+        __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
+        c->owed = 1;
+        acks->c[acks->n++] = c;
+    }
+    if (push)
+        c->push_owed = 1;
+    else
+        c->ack_owed = 1;
     return 1;
 }
 
-int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, const struct iovec *ch,
-                   uint32_t nch, uint32_t hdr_len, uint32_t flen, uint8_t vnet_flags, uint8_t pair,
-                   uint16_t head)
+/* The TCP checksum of a frame (and the IPv4 header's) is right. */
+static int sums_ok(const uint8_t *ip, int v6, const uint8_t *th, uint32_t plen,
+                   const struct iovec *pl, uint32_t npl)
+{
+    uint64_t acc;
+    int ok = 1;
+    if (v6) {
+        acc = ns_sum_le(ip + 8, 32, 0);
+    } else {
+        ok = ns_fold(ns_sum_le(ip, V4_LEN, 0)) == 0xffff;
+        acc = ns_sum_le(ip + 12, 8, 0);
+    }
+    uint8_t tail[4] = {0, 6, (uint8_t)((TCP_LEN + plen) >> 8), (uint8_t)(TCP_LEN + plen)};
+    acc = ns_sum_le(tail, 4, acc);
+    acc = ns_sum_le(th, TCP_LEN, acc);
+    acc = ns_sum_iov(pl, npl, plen, acc);
+    return ok && ns_fold(acc) == 0xffff;
+}
+
+/* The guest's pure ACK (c locked, fast): 3 when taken (the acknowledged
+ * bytes dropped from the socket, a push owed), 0 when it is Python's: not in
+ * order, a duplicate ACK (Python counts them), a zero window, one that
+ * acknowledges what was never sent, or push not allowed. */
+static int take_ack(struct tn_ttable *t, struct tn_tcpc *c, struct tn_tcp_acks *acks,
+                    uint32_t seq, uint32_t ack, uint16_t window, uint8_t pair)
+{
+    uint32_t d = ack - c->snd_una, inflight = c->snd_nxt - c->snd_una;
+    uint32_t wnd = (uint32_t)window << c->ws_from;
+    if (!c->push || seq != c->rcv_nxt || d > inflight || wnd == 0)
+        return 0;
+    if (d == 0 && window == c->window_field && inflight > 0)
+        return 0;
+    if (!c->owed && acks->n >= TN_TCP_ACKS_MAX)
+        return 0;
+    if (d > 0) {
+        int64_t done = consume_locked(c, d);
+        if (done != (int64_t)d) {  /* the socket lost what the guest had (a reset): Python's */
+            if (done > 0) {
+                c->snd_una += (uint32_t)done;
+                c->moved = 1;
+            }
+            return 0;
+        }
+    }
+    c->snd_una = ack;
+    c->window_field = window;
+    c->snd_wnd = wnd;
+    if (wnd > c->max_snd_wnd)
+        c->max_snd_wnd = wnd;
+    c->moved = c->took = 1;
+    c->pair = pair;
+    owe(acks, c, 1);
+    __atomic_fetch_add(&t->guest_acks, 1, __ATOMIC_RELAXED);
+    return 3;
+}
+
+int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, struct tn_tcp_acks *acks,
+                   const struct iovec *ch, uint32_t nch, uint32_t hdr_len, uint32_t flen,
+                   uint8_t vnet_flags, uint8_t pair, uint16_t head)
 {
     uint8_t h[VNET_HDR_MAX + ETH_LEN + V6_LEN + TCP_LEN];
     if (t == NULL || hdr_len > VNET_HDR_MAX)
@@ -693,8 +781,8 @@ int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, const struct iov
         return 0;
     }
     th = f + l4;
-    /* plain data: no options, ACK (and PSH) only, a payload */
-    if (th[12] >> 4 != TCP_LEN / 4 || (th[13] & ~0x08) != 0x10 || plen == 0)
+    /* plain: no options, ACK (and PSH) only; a payload, or a pure ACK */
+    if (th[12] >> 4 != TCP_LEN / 4 || (th[13] & ~0x08) != 0x10 || (plen == 0 && th[13] != 0x10))
         return 0;
     const uint8_t *src = v6 ? ip + 8 : ip + 12, *dst = v6 ? ip + 24 : ip + 16;
     uint16_t sport = rd16be(th), dport = rd16be(th + 2);
@@ -716,25 +804,18 @@ int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, const struct iov
     int rc = 0;
     if (c != NULL) {
         pthread_mutex_lock(&c->lock);
-        if (run->n > 0 && (run->c != c || run->n >= TN_TCP_RUN_FRAMES)) {
-            rc = 2;  /* another connection's run, or a full one: flush it, then ask again */
-        } else if (c->fast && c->fd >= 0) {
+        if (run->n > 0 && (run->c != c || run->n >= TN_TCP_RUN_FRAMES || plen == 0)) {
+            rc = 2;  /* another connection's run, a full one, or an ACK: flush it, ask again */
+        } else if (plen == 0 && c->fast && c->fd >= 0) {
+            int ok = (vnet_flags & VNET_F_NEEDS_CSUM) || sums_ok(ip, v6, th, 0, pl, 0);
+            rc = ok ? take_ack(t, c, acks, seq, ack, window, pair) : 0;
+            if (rc == 0)
+                c->fast = 0;  /* this frame is Python's, and so is every later one */
+        } else if (c->fast && c->data && c->fd >= 0) {
             uint32_t want = run->n > 0 ? run->seq + run->bytes : c->rcv_nxt;
             int ok = seq == want && ack == c->snd_una && window == c->window_field;
-            if (ok && !(vnet_flags & VNET_F_NEEDS_CSUM)) {
-                uint64_t acc;
-                if (v6) {
-                    acc = ns_sum_le(ip + 8, 32, 0);
-                } else {
-                    ok = ns_fold(ns_sum_le(ip, V4_LEN, 0)) == 0xffff;
-                    acc = ns_sum_le(ip + 12, 8, 0);
-                }
-                uint8_t tail[4] = {0, 6, (uint8_t)((TCP_LEN + plen) >> 8), (uint8_t)(TCP_LEN + plen)};
-                acc = ns_sum_le(tail, 4, acc);
-                acc = ns_sum_le(th, TCP_LEN, acc);
-                acc = ns_sum_iov(pl, npl, plen, acc);
-                ok = ok && ns_fold(acc) == 0xffff;
-            }
+            if (ok && !(vnet_flags & VNET_F_NEEDS_CSUM))
+                ok = sums_ok(ip, v6, th, plen, pl, npl);
             if (ok) {
                 if (run->n == 0) {
                     __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
@@ -792,7 +873,7 @@ uint32_t tn_tcp_run_flush(struct tn_ttable *t, struct tn_tcp_run *run, struct tn
         }
         if (sent < run->bytes)
             c->fast = 0;  /* the rest goes to Python, which holds what the socket refuses */
-        if (sent > 0 && !(sent == run->bytes && c->ack && owe_ack(acks, c)))
+        if (sent > 0 && !(sent == run->bytes && c->ack && owe(acks, c, 0)))
             list_for_ack(t, c);
     }
     pthread_mutex_unlock(&c->lock);
@@ -848,52 +929,108 @@ static uint16_t ack_window(const struct tn_tcpc *c)
     return (uint16_t)(((uint64_t)space > cap ? cap : (uint64_t)space) >> c->ws);
 }
 
+#define PUSH_RESERVE 64           /* outbox frames left for other traffic (as Python's) */
+#define PUSH_BURST 256            /* segments one push queues at most (as Python's) */
+
+/* The stream's next segments after a guest ACK (q and c locked, push
+ * allowed), by the rule of Python's TcpConn.push: within the guest's window,
+ * the MSS and the outbox's room, no small segment while more data waits and
+ * data is in flight.  Segments queued, or -1: Python's (the end of the
+ * stream, an error, or no room). */
+static int push_locked(struct tn_ttable *t, struct tn_tcpc *c, struct tn_uoutq *q)
+{
+    uint32_t inflight = c->snd_nxt - c->snd_una, mss = c->mss;
+    if (c->snd_wnd <= inflight)
+        return 0;  /* the window is full: the guest's next ACK opens it */
+    uint32_t usable = c->snd_wnd - inflight, room = tn_uout_room_locked(q);
+    room = room > PUSH_RESERVE ? room - PUSH_RESERVE : 0;
+    if (room > PUSH_BURST)
+        room = PUSH_BURST;
+    int inq = 0;
+    if (room == 0 || ioctl(c->fd, SIOCINQ, &inq) < 0)
+        return -1;
+    if (inq <= 0 || (uint32_t)inq <= inflight) {
+        uint8_t one;
+        struct iovec iov = {&one, 1};
+        ssize_t r = peek_at(c, inflight, &iov, 1);
+        /* nothing yet: new data wakes Python's task; the end of the stream is Python's */
+        return r > 0 || r == -EAGAIN ? 0 : -1;
+    }
+    uint32_t have = (uint32_t)inq - inflight;
+    uint64_t want = usable;
+    if (want > (uint64_t)room * mss)
+        want = (uint64_t)room * mss;
+    if (want > have)
+        want = have;
+    uint32_t sws = c->max_snd_wnd / 2 < mss ? c->max_snd_wnd / 2 : mss;
+    if (want < have && inflight > 0 && want < sws)
+        return 0;  /* RFC 1122 §4.2.3.4: the next ACK opens more */
+    int n = tn_uout_put_tcp_locked(q, c, c->snd_nxt, c->rcv_nxt, c->our_field,
+                                   TCP_ACK | TN_TCP_PSH, (uint32_t)want, mss);
+    if (n <= 0)
+        return -1;
+    uint32_t segs = (uint32_t)((want + mss - 1) / mss);
+    c->snd_nxt += (uint32_t)n >= segs ? (uint32_t)want : (uint32_t)n * mss;
+    c->moved = 1;
+    __atomic_fetch_add(&t->push_segments, (uint64_t)n, __ATOMIC_RELAXED);
+    return (uint32_t)n >= segs ? n : -1;
+}
+
+/* The ACK for the guest data c sent natively (q and c locked), from its
+ * template: 1 queued, 0 Python's (a zero window, Python has it, or the
+ * outbox is full). */
+static int ack_locked(struct tn_tcpc *c, struct tn_uoutq *q)
+{
+    uint16_t field = 0;
+    if (q != NULL && c->fast && c->ack && c->fd >= 0)
+        field = ack_window(c);
+    if (field == 0)
+        return 0;
+    uint8_t frame[TN_TCPC_TMPL_MAX + MIN_FRAME];
+    struct tn_tcp_entry e = {c, c->snd_nxt, c->rcv_nxt, 0, field, TCP_ACK};
+    uint32_t tl = c->tmpl_len, flen = tl;
+    memcpy(frame, c->tmpl, tl);
+    headers(&e, frame, tl, c->snd_nxt, 0, 0);
+    if (flen < MIN_FRAME) {
+        memset(frame + flen, 0, MIN_FRAME - flen);
+        flen = MIN_FRAME;
+    }
+    if (tn_uout_put_locked(q, frame, flen) != 1)
+        return 0;
+    uint32_t edge = c->rcv_nxt + ((uint32_t)field << c->ws);
+    if ((int32_t)(edge - c->rcv_edge) > 0)
+        c->rcv_edge = edge;
+    c->acked = c->rcv_nxt;
+    c->ack_window = c->our_field = field;
+    c->acks = 1;
+    return 1;
+}
+
 void tn_tcp_acks_flush(struct tn_ttable *t, struct tn_tcp_acks *acks, uint8_t pair)
 {
     struct tn_uoutq *q = pair < TN_TCP_PAIRS ? t->out[pair] : NULL;
     for (uint32_t i = 0; i < acks->n; i++) {
         struct tn_tcpc *c = acks->c[i];
-        uint8_t frame[TN_TCPC_TMPL_MAX + MIN_FRAME];
-        uint32_t flen = 0;
+        if (q != NULL)  /* the outbox's lock before the connection's (its drain peeks) */
+            tn_uout_lock(q);
         pthread_mutex_lock(&c->lock);
-        c->owed = 0;
-        uint16_t field = 0;
-        uint32_t was_acked = c->acked;
-        if (q != NULL && c->fast && c->ack && c->fd >= 0)
-            field = ack_window(c);
-        if (field > 0) {
-            struct tn_tcp_entry e = {c, c->snd_nxt, c->rcv_nxt, 0, field, TCP_ACK};
-            uint32_t tl = c->tmpl_len;
-            memcpy(frame, c->tmpl, tl);
-            headers(&e, frame, tl, c->snd_nxt, 0, 0);
-            flen = tl;
-            if (flen < MIN_FRAME) {
-                memset(frame + flen, 0, MIN_FRAME - flen);
-                flen = MIN_FRAME;
+        int ack_owed = c->ack_owed, push_owed = c->push_owed, python = 0;
+        c->owed = c->ack_owed = c->push_owed = 0;
+        if (ack_owed) {
+            if (ack_locked(c, q)) {
+                __atomic_fetch_add(&t->native_acks, 1, __ATOMIC_RELAXED);
+            } else {
+                __atomic_fetch_add(&t->acks_to_python, 1, __ATOMIC_RELAXED);
+                python = 1;  /* Python acknowledges, and sends what follows */
             }
-            uint32_t edge = c->rcv_nxt + ((uint32_t)field << c->ws);
-            if ((int32_t)(edge - c->rcv_edge) > 0)
-                c->rcv_edge = edge;
-            c->acked = c->rcv_nxt;
-            c->ack_window = field;
-            c->acks = 1;
-        } else {
-            list_for_ack(t, c);  /* a zero window, or Python has it: Python acknowledges */
         }
+        if (push_owed && !python)
+            python = !(q != NULL && c->push && c->fast && c->fd >= 0) || push_locked(t, c, q) < 0;
+        if (python)
+            list_for_ack(t, c);
         pthread_mutex_unlock(&c->lock);
-        /* the outbox's lock is taken before connections' (its drain peeks), never after */
-        if (flen > 0 && tn_uout_put(q, frame, flen) == 1) {
-            __atomic_fetch_add(&t->native_acks, 1, __ATOMIC_RELAXED);
-        } else {
-            if (flen > 0) {  /* the outbox is full: Python acknowledges again later */
-                pthread_mutex_lock(&c->lock);
-                if (c->acked == c->rcv_nxt)
-                    c->acked = was_acked;
-                list_for_ack(t, c);
-                pthread_mutex_unlock(&c->lock);
-            }
-            __atomic_fetch_add(&t->acks_to_python, 1, __ATOMIC_RELAXED);
-        }
+        if (q != NULL)
+            tn_uout_unlock(q);
         unref(c);
     }
     acks->n = 0;

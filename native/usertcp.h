@@ -68,6 +68,9 @@ void tn_tcpc_stats_get(struct tn_tcpc_stats *out);
  * segments of one connection are sent from the descriptors with one sendmsg
  * (struct tn_tcp_run), rcv_nxt advances, and the connection is acknowledged
  * natively (tn_tcp_acks_flush) or listed for Python (tn_ttable_take).
+ * The guest's pure ACKs are taken too when Python allows it (push): they
+ * drop the acknowledged bytes from the socket and queue the stream's next
+ * segments after the batch (tn_tcp_acks_flush), as Python's push would.
  * Anything else, the segments of a run the socket did not take whole (their
  * chains are rewound and reach Python in the next batch), or any frame while
  * Python has the connection (between tn_tcpc_pause and tn_tcpc_resume) goes
@@ -105,29 +108,54 @@ struct tn_tcpc_sync {
     uint32_t rcv_nxt;             /* the guest's data sent up to here */
     uint32_t acked;               /* the native ACKs acknowledged up to here */
     uint32_t rcv_edge;            /* right edge of the windows advertised */
+    uint32_t snd_una;             /* the guest acknowledged the host's stream up to here */
+    uint32_t snd_nxt;             /* the host's stream was sent up to here */
     uint16_t window;              /* the window field of the last native ACK */
+    uint16_t guest_window;        /* the window field of the guest's last ACK taken */
     uint8_t acks;                 /* 1: native ACKs were sent (acked, window valid) */
     uint8_t took;                 /* 1: frames were taken (pair: the last one's) */
     uint8_t pair;
+    uint8_t moved;                /* 1: guest ACKs taken or data sent (snd_* valid) */
 };
 /* Python takes the connection: no frame of it goes the fast path until
  * resume.  *out: what the fast path did meanwhile. */
 void tn_tcpc_pause(struct tn_tcpc *c, struct tn_tcpc_sync *out);
+/* Python's state of the connection, handed over at resume. */
+struct tn_tcpc_state {
+    uint32_t rcv_nxt, snd_una, snd_nxt, rcv_edge;
+    uint32_t mss;                 /* largest segment to the guest */
+    uint32_t max_snd_wnd;         /* the largest window the guest offered, bytes */
+    uint16_t window_field;        /* the guest's last window field */
+    uint16_t our_field;           /* the window field last advertised to the guest */
+    uint8_t ws_to, ws_from;       /* window scales: towards the guest, from it */
+    uint8_t fast;                 /* the fast path may take the connection's frames */
+    uint8_t data;                 /* ... data segments among them (ESTABLISHED) */
+    uint8_t ack;                  /* ... and acknowledge the data it sends natively */
+    uint8_t push;                 /* ... and take the guest's pure ACKs and send more */
+};
 /* Python is done with it: the state the fast path checks frames against,
- * and whether it may take them at all (fast).  With ack = 1 it also
- * acknowledges what it took, once per TX batch, from the connection's
- * template: seq snd_nxt, the window the socket's free space allows scaled
- * by ws (as Python's _window, silly windows avoided below min(mss, half the
- * payload share of the send buffer)).  A zero window, or a connection Python
- * holds, is left to Python (listed for tn_ttable_take). */
-void tn_tcpc_resume(struct tn_tcpc *c, uint32_t rcv_nxt, uint32_t snd_una, uint16_t window_field,
-                    int fast, uint32_t snd_nxt, uint32_t rcv_edge, uint8_t ws, uint32_t mss,
-                    int ack);
+ * and what it may do.  With ack it acknowledges the guest data it took, once
+ * per TX batch, from the connection's template: seq snd_nxt, the window the
+ * socket's free space allows scaled by ws_to (as Python's _window, silly
+ * windows avoided below min(mss, half the payload share of the send
+ * buffer)).  A zero window, or a connection Python holds, is left to Python
+ * (listed for tn_ttable_take).  With push it also takes the guest's pure
+ * ACKs that acknowledge new data or open the window (never a duplicate ACK,
+ * a zero window, or one acknowledging what was not sent): the acknowledged
+ * bytes leave the socket's receive queue, and after the batch the stream
+ * goes on as Python's push would (within the guest's window and the MSS,
+ * no small segment while more waits, our_field as the window) into the
+ * outbox of the pair the ACK came on.  The end of the stream, a full outbox
+ * or an error is left to Python (listed). */
+void tn_tcpc_resume(struct tn_tcpc *c, const struct tn_tcpc_state *s);
 /* Where the native ACKs for frames taken on pair go (the pair's outbox). */
 void tn_ttable_set_out(struct tn_ttable *t, uint32_t pair, struct tn_uoutq *q);
 /* Native ACKs sent, and ACKs left to Python, since the table was made. */
 uint64_t tn_ttable_native_acks(const struct tn_ttable *t);
 uint64_t tn_ttable_acks_to_python(const struct tn_ttable *t);
+/* Guest ACKs taken natively, and the segments of host data sent natively. */
+uint64_t tn_ttable_guest_acks(const struct tn_ttable *t);
+uint64_t tn_ttable_push_segments(const struct tn_ttable *t);
 
 /* Queue data entries for len bytes (> 0) at sequence number seq of c's
  * stream, one per segment of at most mss bytes, with ack and the window field
@@ -181,10 +209,11 @@ struct tn_tcp_run {
  * chain with that head) is 1 taken into the run (the chain is the run's
  * now), 0 not for the fast path (the connection stays Python's for the rest
  * of the batch), 2 for the fast path but not this run: flush it and ask
- * again. */
-int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, const struct iovec *ch,
-                   uint32_t nch, uint32_t hdr_len, uint32_t flen, uint8_t vnet_flags, uint8_t pair,
-                   uint16_t head);
+ * again, 3 a guest ACK handled (the chain is done with; the connection owes
+ * a push in acks). */
+int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, struct tn_tcp_acks *acks,
+                   const struct iovec *ch, uint32_t nch, uint32_t hdr_len, uint32_t flen,
+                   uint8_t vnet_flags, uint8_t pair, uint16_t head);
 /* Send the run with one sendmsg: the chains of the segments the socket took
  * whole are used; returns how many of the last chains were not (the caller
  * rewinds them: the next batch hands them to Python, which holds what the
@@ -192,8 +221,9 @@ int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, const struct iov
  * Python took meanwhile sends nothing. */
 uint32_t tn_tcp_run_flush(struct tn_ttable *t, struct tn_tcp_run *run, struct tn_vq *vq,
                           struct tn_tcp_acks *acks, uint64_t *unbytes);
-/* After the batch: one ACK per connection in acks into the outbox of pair
- * (or the connection listed for Python); acks is empty afterwards. */
+/* After the batch: one ACK per connection in acks that sent guest data,
+ * and more host data for those whose guest ACKs were taken, into the outbox
+ * of pair (or the connection listed for Python); acks is empty afterwards. */
 void tn_tcp_acks_flush(struct tn_ttable *t, struct tn_tcp_acks *acks, uint8_t pair);
 /* For the worker: 1 once after the table listed connections (signal Python). */
 int tn_ttable_should_signal(struct tn_ttable *t);

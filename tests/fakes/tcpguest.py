@@ -4,7 +4,7 @@
 ring buffers, so a test can move megabytes: RX buffers are published again
 once read, TX frames go into a fixed pool of slots reclaimed from the used
 ring.  ``GuestConn`` is a deliberately small TCP on top, frames built and
-parsed with scapy: in-order receive (anything else is dropped and
+parsed with scapy: in-order receive (anything else is dropped and at once
 re-acknowledged), go-back-N retransmission after a second without progress,
 window scaling, FIN and RST.  One reader task per pair dispatches segments
 to connections; ACKs go out once per batch of received frames.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -180,13 +180,15 @@ class GuestConn:
         self.fin_received = False  # the peer's FIN arrived in order: its data is complete
         self.progress = trio.Event()
         self.ack_needed = False
+        self.lose: Callable[[TCP], bool] | None = None  # True: the segment is lost on the way
+        self.window = 0xFFFF  # the window field it sends (scaled by WSCALE once established)
         net.conns[(lport, raddr, rport)] = self
 
     def _frame(self, flags: str, seq: int, data: bytes = b"", options: Any = None) -> bytes:
         pkt = (
             Ether(src=G_MAC, dst=O_MAC) / IP(src=str(GUEST4), dst=self.raddr)
             / TCP(sport=self.lport, dport=self.rport, seq=seq, ack=self.rcv_nxt, flags=flags,
-                  window=0xFFFF, options=options or [])
+                  window=self.window, options=options or [])
         )  # fmt: skip
         if data:
             pkt = pkt / Raw(data)
@@ -224,6 +226,8 @@ class GuestConn:
     # ---- segments ---------------------------------------------------------------
 
     def on_segment(self, t: TCP) -> None:
+        if self.lose is not None and self.lose(t):
+            return
         flags = t.flags
         if "R" in flags:
             self.reset = True
@@ -258,7 +262,9 @@ class GuestConn:
             if t.seq == self.rcv_nxt:
                 self.rx += data
                 self.rcv_nxt = (self.rcv_nxt + len(data)) & MASK
-            self.ack_needed = True
+                self.ack_needed = True
+            else:  # out of order: a duplicate ACK at once (RFC 5681 §4.2)
+                self._send("A", self.snd_nxt)
         if "F" in flags and (t.seq + len(data)) & MASK == self.rcv_nxt:
             self.rcv_nxt = (self.rcv_nxt + 1) & MASK
             self.fin_received = True

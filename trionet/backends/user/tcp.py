@@ -18,6 +18,11 @@ one Trio task per connection, frames to the guest's queue pairs.
   segment; ``rehome`` moves connections off disabled pairs without a reset.
 - **Frames** are built from a per-connection header template (``Template``):
   addresses, ports and the pseudo-header sum are computed once.
+- **Native paths** (``native/usertcp.c``): between two of Python's steps the
+  TX path may send the guest's in-order data, acknowledge it, take the
+  guest's pure ACKs and send the stream on; each step starts by pausing the
+  native part and taking over what it did (``tn_tcpc_pause``), and ends by
+  handing the state back with what it may do (``_resume``).
 - A closed connection's socket, epoll set and table entry are released by its
   task; nothing stays behind.
 """
@@ -300,6 +305,7 @@ class TcpFlows:
         self.by_native: dict[int, TcpFlow] = {}
         self.fast_took = ffi.new("struct tn_tcpc *[]", FAST_TAKE)
         self.sync = ffi.new("struct tn_tcpc_sync *")
+        self.state = ffi.new("struct tn_tcpc_state *")
 
     # ---- guest segments ----------------------------------------------------------
 
@@ -490,6 +496,8 @@ class TcpFlows:
                     flow.wire.pair = self.stack.home(int(sync.pair))
                 acked = int(sync.acked) if sync.acks else None
                 conn.took(sync.rcv_nxt, now, acked, sync.window, sync.rcv_edge)
+                if sync.moved:  # the guest's ACKs, and the data sent after them
+                    conn.acked_natively(sync.snd_una, sync.snd_nxt, sync.guest_window, now)
             step(now)
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, "error")
@@ -508,14 +516,23 @@ class TcpFlows:
                 flow.timer.deadline = float("-inf")
             return
         if native != ffi.NULL:
-            lib.tn_tcpc_resume(native, conn.rcv_nxt, conn.snd_una, conn.window_field,
-                               int(conn.state is State.ESTABLISHED), conn.snd_nxt,
-                               conn.rcv_edge, conn.ws_to_guest, conn.mss,
-                               int(conn.native_ack))  # fmt: skip
+            self._resume(native, conn)
         if conn.state is not State.CONNECTING:
             self._watch(flow, EP_DATA | (select.EPOLLOUT if conn.want_write else 0))
         if flow.timer is not None:
             flow.timer.deadline = conn.next_deadline()
+
+    def _resume(self, native: Any, conn: TcpConn) -> None:
+        """Hand the connection back to the native paths (``tn_tcpc_resume``)."""
+        st = self.state
+        st.rcv_nxt, st.snd_una, st.snd_nxt = conn.rcv_nxt, conn.snd_una, conn.snd_nxt
+        st.rcv_edge, st.mss, st.max_snd_wnd = conn.rcv_edge, conn.mss, conn.max_snd_wnd
+        st.window_field, st.our_field = conn.window_field, conn.wnd_sent >> conn.ws_to_guest
+        st.ws_to, st.ws_from = conn.ws_to_guest, conn.ws_from_guest
+        st.data = conn.state is State.ESTABLISHED
+        st.ack, st.push = conn.native_ack, conn.native_push
+        st.fast = st.data or st.push
+        lib.tn_tcpc_resume(native, st)
 
     def _release(self, flow: TcpFlow) -> None:
         if flow.released:
@@ -665,6 +682,8 @@ class TcpFlows:
         data["native_tx_partial"] = int(lib.tn_ttable_fast_partial(self.table))
         data["native_acks"] = int(lib.tn_ttable_native_acks(self.table))
         data["acks_to_python"] = int(lib.tn_ttable_acks_to_python(self.table))
+        data["native_guest_acks"] = int(lib.tn_ttable_guest_acks(self.table))
+        data["native_push_segments"] = int(lib.tn_ttable_push_segments(self.table))
         return {"connections": len(self.flows), **self.stats, **data}
 
 

@@ -337,11 +337,59 @@ class TcpConn:
         )
 
     def ack_taken(self, now: float) -> None:
-        """Acknowledge what ``took`` brought in, now rather than on the flow's
-        timer: one ACK per native batch, without a task switch."""
+        """The native paths left the connection to Python: acknowledge what
+        ``took`` brought in, now rather than on the flow's timer (one ACK per
+        native batch, without a task switch), and send what the native push
+        could not (the end of the stream, a full outbox)."""
         self.now = now
         if self.ack_due and not self.closed:
             self._send_ack()
+        if not self.closed:
+            self.push(now)
+
+    @property
+    def native_push(self) -> bool:
+        """The native TX path may take the guest's pure ACKs and send more
+        of the host's stream: nothing is being sent again (``snd_nxt`` is
+        ``snd_max``), no FIN is due, the guest's window is open and ours too
+        (or closed for good by the guest's FIN), no probe runs."""
+        return (
+            self.state in WE_MAY_SEND
+            and self.fin_seq is None
+            and self.snd_nxt == self.snd_max
+            and not self.probe
+            and not self.ack_due
+            and (self.wnd_sent > 0 or self.guest_fin)
+            and self.snd_wnd > 0
+        )
+
+    def acked_natively(self, snd_una: int, snd_nxt: int, field: int, now: float) -> None:
+        """The native TX path took the guest's ACKs up to ``snd_una`` (the
+        last with window field ``field``) and sent the stream up to
+        ``snd_nxt`` since Python last had the connection: as ``_ack`` and
+        ``push`` would have left it.  The retransmission timer restarts on
+        progress, late by at most the time since the ACK (RFC 6298 §5.3)."""
+        if self.state not in WE_MAY_SEND:
+            return
+        progress = seq_lt(self.snd_una, snd_una)
+        if progress:
+            self.snd_una = snd_una
+            self.retries = 0
+            self.dupacks = 0
+            self.probe = False
+        if seq_lt(self.snd_nxt, snd_nxt):
+            self.snd_nxt = snd_nxt
+        if seq_lt(self.snd_max, self.snd_nxt):
+            self.bytes_to_guest += seq_diff(self.snd_nxt, self.snd_max)
+            self.snd_max = self.snd_nxt
+        self.window_field = field
+        self.snd_wnd = field << self.ws_from_guest
+        self.max_snd_wnd = max(self.max_snd_wnd, self.snd_wnd)
+        if self.snd_nxt == self.snd_una:
+            self.rto_at = None
+        elif progress or self.rto_at is None:
+            self.rto_at = now + self._rto()
+        self.last_guest = self.last_activity = self.keepalive_at = now
 
     def _guest_rst(self, seg: Segment) -> None:
         """Accepted when in the receive window (RFC 9293 §3.10.7.4); in

@@ -1,0 +1,179 @@
+"""Host -> guest TCP in C (usertcp.h): the guest's pure ACKs are taken by
+the native TX path, which drops the acknowledged bytes from the host socket
+and sends the stream's next segments (``take_ack``, ``push_locked``), so
+Python does not run per ACK.  Python still gets the duplicate ACKs (fast
+retransmit), the retransmission timer, zero windows and the end of the
+stream, and learns what the native path did when it next takes the
+connection.  A scripted guest (``tests/fakes/tcpguest.py``) over real
+vhost-user rings, a real host socket."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from scapy.layers.inet import TCP
+from scapy.packet import Raw
+
+from tests.fakes.tcpguest import GuestConn, guest_net
+from tests.fakes.userguest import GW4, make_config, user_guest
+from tests.unit.test_user_tcp_loopback import pattern, server, stack_of, threads
+from tests.waits import until
+from trionet.backends.user import tcp as tcp_mod
+
+__all__ = ["server", "threads"]  # fixtures
+
+SIZE = 8 << 20
+WINDOW = 1024  # 128 KiB: the guest's window, not the socket, paces the stream
+
+
+@pytest.fixture
+def python_data(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Data segments the stack's Python code queues for the guest, counted."""
+    sent: Counter[str] = Counter()
+    data = tcp_mod.GuestWire.data
+
+    def counting(self: Any, flags: int, seq: int, ack: int, window: int, length: int,
+                 mss: int) -> None:  # fmt: skip
+        sent["segments"] += -(-length // mss)
+        data(self, flags, seq, ack, window, length, mss)
+
+    monkeypatch.setattr(tcp_mod.GuestWire, "data", counting)
+    return sent
+
+
+def source(payload: bytes, go: trio.Event) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A host server that, once ``go`` is set, sends ``payload`` and closes
+    (the guest keeps its side open until the end)."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            await go.wait()
+            await stream.send_all(payload)
+
+    return handle
+
+
+Lose = Callable[[GuestConn], Callable[[TCP], bool]]
+
+
+def lose_first(where: Callable[[int, int], bool]) -> Lose:
+    """For ``GuestConn.lose``: the first data segment for which ``where``
+    (its start and end as offsets into the host stream) holds is lost."""
+
+    def install(conn: GuestConn) -> Callable[[TCP], bool]:
+        start, lost = conn.rcv_nxt, []
+
+        def lose(t: TCP) -> bool:
+            if lost or Raw not in t:
+                return False
+            off = (t.seq - start) & 0xFFFFFFFF
+            if where(off, off + len(t[Raw].load)):
+                lost.append(off)
+                return True
+            return False
+
+        return lose
+
+    return install
+
+
+async def fetch(tmp_path: Path, server: Any, threads: bool, payload: bytes,
+                lose: Lose | None = None,
+                window: int = WINDOW) -> tuple[bytes, dict[str, int]]:  # fmt: skip
+    """The guest connects and reads the host's stream to its FIN, with a
+    window field of ``window`` (scaled by the fake's WSCALE)."""
+    go = trio.Event()
+    port = await server(source(payload, go))
+    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
+        with trio.fail_after(90):
+            conn = await net.connect(str(GW4), port)
+            conn.window = window
+            if lose is not None:
+                conn.lose = lose(conn)
+            conn.ack_needed = True
+            conn.flush()  # the window, before the stream starts
+            go.set()
+            got = await conn.recv_until_fin()
+        tcp = stack_of(net).tcp
+        counters = tcp.counters()
+        for name in ("retransmits", "fast_retransmits"):  # of the open connection
+            counters[name] = sum(getattr(f.conn, name) for f in tcp.flows.values())
+        return got, counters
+
+
+async def test_a_host_stream_goes_on_from_c_at_each_guest_ack(
+    tmp_path: Path, server: Any, threads: bool, python_data: Counter[str]
+) -> None:
+    payload = pattern(SIZE, 11)
+    got, counters = await fetch(tmp_path, server, threads, payload)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    # the guest's ACKs were taken in C, and C sent most of the stream: Python
+    # sends when data arrives while the window is open (on the socket's
+    # wake-up), and the end of the stream
+    assert counters["native_guest_acks"] > 50, counters
+    split = f"{counters['native_push_segments']} from C, {python_data['segments']} from Python"
+    assert counters["native_push_segments"] > 2 * python_data["segments"], split
+    assert counters["retransmits"] == 0
+
+
+LOSSES = {
+    # one segment in the middle: the guest's duplicate ACKs are not taken
+    # natively; Python counts them and sends it again (fast retransmit)
+    "middle": (lambda off, _end: off >= 1 << 20, "fast_retransmits"),
+    # the stream's last segment: no duplicate ACK follows it, so only the
+    # retransmission timer, which Python keeps, sends it again
+    "tail": (lambda _off, end: end == SIZE, "retransmits"),
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+async def test_a_segment_lost_after_native_acks_is_sent_again(
+    tmp_path: Path, server: Any, threads: bool, loss: str
+) -> None:
+    """Every ACK before the loss was taken in C; Python's recovery still works
+    from what C did, and C takes over again once the stream caught up."""
+    where, counter = LOSSES[loss]
+    payload = pattern(SIZE, 12)
+    got, counters = await fetch(tmp_path, server, threads, payload, lose_first(where))
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    assert counters[counter] >= 1, counters
+    assert counters["native_guest_acks"] > 50, counters
+
+
+async def test_a_guest_window_that_closes_is_python_s_until_it_opens(
+    tmp_path: Path, server: Any, threads: bool
+) -> None:
+    """The guest closes its window in the middle of a natively sent stream:
+    the zero-window ACK goes to Python (which probes), and so does the ACK
+    that opens it again; then C takes the stream over once more."""
+    payload = pattern(SIZE, 14)
+    go = trio.Event()
+    port = await server(source(payload, go))
+    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
+        stack = stack_of(net)
+        with trio.fail_after(90):
+            conn = await net.connect(str(GW4), port)
+            conn.window = WINDOW
+            conn.ack_needed = True
+            conn.flush()
+            go.set()
+            while len(conn.rx) < 2 << 20:
+                await conn.progress.wait()
+            conn.window = 0  # its next ACKs close the window
+            [flow] = stack.tcp.flows.values()
+            await until(lambda: flow.conn.snd_wnd == 0, "the stack to see the window closed")
+            assert flow.conn.native_push is False
+            before = stack.tcp.counters()["native_guest_acks"]
+            conn.window = WINDOW
+            conn.ack_needed = True
+            conn.flush()  # a window update
+            got = await conn.recv_until_fin()
+        after = stack.tcp.counters()["native_guest_acks"]
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    assert after > before + 10, (before, after)
