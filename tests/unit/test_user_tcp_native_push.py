@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tests.fakes.userguest import GW4, make_config, user_guest
 from tests.unit.test_user_tcp_loopback import pattern, server, stack_of, threads
 from tests.waits import until
 from trionet.backends.user import tcp as tcp_mod
+from trionet.backends.user.stack import UserStack
 
 __all__ = ["server", "threads"]  # fixtures
 
@@ -83,27 +85,36 @@ def lose_first(where: Callable[[int, int], bool]) -> Lose:
     return install
 
 
-async def fetch(tmp_path: Path, server: Any, threads: bool, payload: bytes,
-                lose: Lose | None = None,
-                window: int = WINDOW) -> tuple[bytes, dict[str, int]]:  # fmt: skip
-    """The guest connects and reads the host's stream to its FIN, with a
-    window field of ``window`` (scaled by the fake's WSCALE)."""
+@asynccontextmanager
+async def streaming(
+    tmp_path: Path, server: Any, threads: bool, payload: bytes, lose: Lose | None = None
+) -> AsyncIterator[tuple[UserStack, GuestConn]]:
+    """A guest connection the host sends ``payload`` to, then its FIN; the
+    guest's window is ``WINDOW`` (scaled by the fake's WSCALE) from the
+    start."""
     go = trio.Event()
     port = await server(source(payload, go))
     async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
         with trio.fail_after(90):
             conn = await net.connect(str(GW4), port)
-            conn.window = window
+            conn.window = WINDOW
             if lose is not None:
                 conn.lose = lose(conn)
             conn.ack_needed = True
             conn.flush()  # the window, before the stream starts
             go.set()
-            got = await conn.recv_until_fin()
-        tcp = stack_of(net).tcp
-        counters = tcp.counters()
+            yield stack_of(net), conn
+
+
+async def fetch(
+    tmp_path: Path, server: Any, threads: bool, payload: bytes, lose: Lose | None = None
+) -> tuple[bytes, dict[str, int]]:
+    """The host's stream, read to its FIN, and the stack's TCP counters."""
+    async with streaming(tmp_path, server, threads, payload, lose) as (stack, conn):
+        got = await conn.recv_until_fin()
+        counters = stack.tcp.counters()
         for name in ("retransmits", "fast_retransmits"):  # of the open connection
-            counters[name] = sum(getattr(f.conn, name) for f in tcp.flows.values())
+            counters[name] = sum(getattr(f.conn, name) for f in stack.tcp.flows.values())
         return got, counters
 
 
@@ -153,27 +164,38 @@ async def test_a_guest_window_that_closes_is_python_s_until_it_opens(
     the zero-window ACK goes to Python (which probes), and so does the ACK
     that opens it again; then C takes the stream over once more."""
     payload = pattern(SIZE, 14)
-    go = trio.Event()
-    port = await server(source(payload, go))
-    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
-        stack = stack_of(net)
-        with trio.fail_after(90):
-            conn = await net.connect(str(GW4), port)
-            conn.window = WINDOW
-            conn.ack_needed = True
-            conn.flush()
-            go.set()
-            while len(conn.rx) < 2 << 20:
-                await conn.progress.wait()
-            conn.window = 0  # its next ACKs close the window
-            [flow] = stack.tcp.flows.values()
-            await until(lambda: flow.conn.snd_wnd == 0, "the stack to see the window closed")
-            assert flow.conn.native_push is False
-            before = stack.tcp.counters()["native_guest_acks"]
-            conn.window = WINDOW
-            conn.ack_needed = True
-            conn.flush()  # a window update
-            got = await conn.recv_until_fin()
+    async with streaming(tmp_path, server, threads, payload) as (stack, conn):
+        while len(conn.rx) < 2 << 20:
+            await conn.progress.wait()
+        conn.window = 0  # its next ACKs close the window
+        [flow] = stack.tcp.flows.values()
+        await until(lambda: flow.conn.snd_wnd == 0, "the stack to see the window closed")
+        assert flow.conn.native_push is False
+        before = stack.tcp.counters()["native_guest_acks"]
+        conn.window = WINDOW
+        conn.ack_needed = True
+        conn.flush()  # a window update
+        got = await conn.recv_until_fin()
         after = stack.tcp.counters()["native_guest_acks"]
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
     assert after > before + 10, (before, after)
+
+
+async def test_the_stream_follows_the_pair_of_the_guest_s_acks(
+    tmp_path: Path, server: Any, threads: bool
+) -> None:
+    """The guest moves the connection to its second queue mid-stream: the
+    ACKs C takes there carry the pair, and what C sends after them goes to
+    that pair's RX ring."""
+    payload = pattern(SIZE, 15)
+    async with streaming(tmp_path, server, threads, payload) as (stack, conn):
+        while len(conn.rx) < 1 << 20:
+            await conn.progress.wait()
+        before = stack.tcp.counters()["native_guest_acks"]
+        conn.pair, conn.follow = 1, False
+        conn.rx_pairs.clear()
+        got = await conn.recv_until_fin()
+        assert stack.tcp.counters()["native_guest_acks"] > before + 10
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    # what was queued on pair 0 before the move still came there: a window's worth
+    assert conn.rx_pairs[1] > 10 * conn.rx_pairs[0], conn.rx_pairs
