@@ -98,10 +98,12 @@ class Conn:
 
 async def connect(
     wire: Wire, listener: trio.socket.SocketType, *, mss: int = 1000, wscale: int | None = 7,
-    window: int = 65535,
+    window: int = 65535, sack: bool = True,
 ) -> Conn:  # fmt: skip
     port = listener.getsockname()[1]
-    opts: list[Any] = [("MSS", mss), ("SAckOK", b""), ("Timestamp", (1, 0))]
+    opts: list[Any] = [("MSS", mss), ("Timestamp", (1, 0))]
+    if sack:
+        opts.append(("SAckOK", b""))
     if wscale is not None:
         opts.append(("WScale", wscale))
     wire.send(seg("S", ISN, dport=port, window=window, options=opts))
@@ -144,7 +146,7 @@ def flow_state(stack: UserStack) -> str:
 # ---- handshake --------------------------------------------------------------------
 
 
-async def test_syn_ack_offers_mss_and_wscale_but_no_sack_or_timestamps(
+async def test_syn_ack_offers_mss_wscale_and_sack_but_no_timestamps(
     autojump_clock: trio.abc.Clock, stack: UserStack, listener: trio.socket.SocketType
 ) -> None:
     wire = Wire(stack)
@@ -152,10 +154,21 @@ async def test_syn_ack_offers_mss_and_wscale_but_no_sack_or_timestamps(
     opts = dict(conn.synack.options)
     assert opts["MSS"] == 65520 - 40
     assert opts["WScale"] == T.OUR_WSCALE
-    assert "SAckOK" not in opts and "Timestamp" not in opts
+    assert "SAckOK" in opts and "Timestamp" not in opts
     assert flow_state(stack) == "established"
     [flow] = stack.tcp.flows.values()
     assert flow.conn.mss == 1400 and flow.conn.ws_from_guest == 7
+    conn.server.close()
+
+
+async def test_no_sack_permitted_by_the_guest_means_none_offered(
+    autojump_clock: trio.abc.Clock, stack: UserStack, listener: trio.socket.SocketType
+) -> None:
+    wire = Wire(stack)
+    conn = await connect(wire, listener, sack=False)
+    assert "SAckOK" not in dict(conn.synack.options)
+    [flow] = stack.tcp.flows.values()
+    assert flow.conn.sack is False
     conn.server.close()
 
 

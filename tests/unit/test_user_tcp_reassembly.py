@@ -6,12 +6,15 @@ scripted host socket and wire of ``test_user_tcp_window``."""
 
 from __future__ import annotations
 
+import itertools
+import struct
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.unit.test_user_tcp_window import IRS, ISS, Host, deliver, established
 from trionet.backends.user import tcp_conn as T
-from trionet.backends.user.tcp_segment import Reassembly
+from trionet.backends.user.tcp_segment import Reassembly, seq_diff
 
 A = T.ACK | T.PSH
 STREAM = bytes(range(256)) * 40  # 10240 bytes
@@ -145,3 +148,79 @@ def test_the_part_of_a_segment_the_socket_refused_is_held_not_dropped() -> None:
     conn.on_writable(1.2)
     assert bytes(host.sent) == STREAM[:2000]
     assert wire.out[-1][2] == IRS + 1 + 2000
+
+
+# ---- SACK (RFC 2018) ----------------------------------------------------------------
+
+
+def sack_blocks(options: bytes) -> list[tuple[int, int]]:
+    """The blocks of a SACK option as the stack sends it (NOP, NOP, kind 5)."""
+    if not options:
+        return []
+    assert options[:4] == bytes((1, 1, 5, len(options) - 2)) and len(options) % 4 == 0
+    return [struct.unpack_from("!II", options, 4 + 8 * i) for i in range((len(options) - 4) // 8)]
+
+
+def span(first: int, last: int, size: int = 1000) -> tuple[int, int]:
+    """Pieces first..last as one range of sequence numbers."""
+    return IRS + 1 + first * size, IRS + 1 + (last + 1) * size
+
+
+def test_acks_list_what_is_held_when_the_guest_permits_sack() -> None:
+    """Pieces 0, 1 and 4 are lost: each duplicate ACK lists the held ranges,
+    the one with the segment just received first, so the guest resends only
+    the holes; once nothing is held, no SACK option."""
+    host = Host()
+    conn, wire = established(host, sack=True)
+    assert conn.sack
+    for i in (2, 3, 5):
+        seq, data = piece(i)
+        deliver(conn, T.Segment(seq, ISS + 1, A, 512, data), 1.0 + i / 100)
+    assert [out[2] for out in wire.out[-3:]] == [IRS + 1] * 3
+    assert [sack_blocks(o) for o in wire.options[-3:]] == [
+        [span(2, 2)],
+        [span(2, 3)],  # contiguous pieces: one block
+        [span(5, 5), span(2, 3)],  # the latest first
+    ]
+    seq, data = piece(0)
+    deliver(conn, T.Segment(seq, ISS + 1, A, 512, data), 1.1)
+    assert wire.out[-1][2] == IRS + 1 + 1000
+    assert sack_blocks(wire.options[-1]) == [span(5, 5), span(2, 3)]
+    seq, data = piece(1)  # fills the first hole: 2 and 3 are delivered
+    deliver(conn, T.Segment(seq, ISS + 1, A, 512, data), 1.2)
+    assert wire.out[-1][2] == IRS + 1 + 4000
+    assert sack_blocks(wire.options[-1]) == [span(5, 5)]
+    seq, data = piece(4)
+    deliver(conn, T.Segment(seq, ISS + 1, A, 512, data), 1.3)
+    assert wire.out[-1][2] == IRS + 1 + 6000 and wire.options[-1] == b""
+    assert bytes(host.sent) == STREAM[:6000]
+
+
+def test_no_sack_blocks_unless_the_guest_permitted_sack() -> None:
+    host = Host()
+    conn, wire = established(host)
+    assert not conn.sack
+    for i in (1, 3):
+        seq, data = piece(i)
+        deliver(conn, T.Segment(seq, ISS + 1, A, 512, data), 1.0)
+    assert wire.options[-2:] == [b"", b""]
+
+
+@given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 300)), min_size=1, max_size=40),
+       st.integers(0, 2**32 - 1))  # fmt: skip
+def test_sack_blocks_cover_exactly_what_is_held(arrivals: list[tuple[int, int]], base: int) -> None:
+    """Any held segments (overlapping, touching, the sequence numbers
+    wrapping): the blocks are disjoint, not touching, cover exactly the held
+    bytes, and the first holds the segment added last."""
+    r = Reassembly()
+    for start, size in arrivals:
+        r.add((base + start * 100) & 0xFFFFFFFF, b"x" * size, base, 1 << 16)
+    blocks = [(seq_diff(a, base), seq_diff(b, base)) for a, b in r.blocks(base)]
+    held = {seq_diff(seq, base) + k for seq, data in r.segments.items() for k in range(len(data))}
+    covered = {x for a, b in blocks for x in range(a, b)}
+    assert covered == held
+    ordered = sorted(blocks)
+    assert all(b1 < a2 for (_a1, b1), (a2, _b2) in itertools.pairwise(ordered))
+    assert r.last is not None
+    last = seq_diff(r.last, base)
+    assert blocks[0][0] <= last < blocks[0][1]

@@ -57,6 +57,7 @@ class Host:
 @dataclass
 class Wire:
     out: list[tuple[int, int, int, int, bytes]] = field(default_factory=list)
+    options: list[bytes] = field(default_factory=list)  # of each segment in out
     sent: list[tuple[int, int]] = field(default_factory=list)  # data segments: seq, length
 
     def room(self) -> int:
@@ -66,21 +67,23 @@ class Wire:
         self, flags: int, seq: int, ack: int, window: int, payload: bytes, options: bytes
     ) -> None:
         self.out.append((flags, seq, ack, window, payload))
+        self.options.append(options)
 
     def data(self, flags: int, seq: int, ack: int, window: int, length: int, mss: int) -> None:
         for off in range(0, length, mss):
             self.sent.append((seq + off, min(mss, length - off)))
 
 
-def established(host: Host) -> tuple[T.TcpConn, Wire]:
+def established(host: Host, *, sack: bool = False) -> tuple[T.TcpConn, Wire]:
     wire = Wire()
     conn = T.TcpConn(host, wire, iss=ISS, mss_limit=MSS_LIMIT, now=0.0)
-    syn = T.Segment(IRS, 0, T.SYN, 65535, b"", mss=MSS_LIMIT, wscale=7)
+    syn = T.Segment(IRS, 0, T.SYN, 65535, b"", mss=MSS_LIMIT, wscale=7, sack_ok=sack)
     conn.guest_syn(syn)
     conn.connected(0.0)
     conn.on_segment(T.Segment(IRS + 1, ISS + 1, T.ACK, 512, b""), 0.0)
     assert conn.state is T.State.ESTABLISHED
     wire.out.clear()
+    wire.options.clear()
     return conn, wire
 
 

@@ -10,7 +10,11 @@ from the guest (``on_segment``), the host socket being ready (``on_readable``,
   host ``connect()`` completed (``connected``), then send the SYN-ACK; inbound
   ones (``-t``) start by sending a SYN (``open``).  The guest's MSS option is
   clamped to the MTU; window scaling is offered and used when both sides
-  sent the option; SACK and timestamps are neither offered nor used.
+  sent the option; SACK is permitted when the guest's SYN permits it (and
+  offered in our own SYN), and then every ACK sent while guest data is held
+  past a gap carries SACK blocks of what is held (RFC 2018 §4); SACK blocks
+  from the guest are not used (retransmissions go back to the first byte it
+  did not acknowledge); timestamps are neither offered nor used.
 - **Host → guest**: data is never copied into a buffer of ours.  It stays in
   the socket's receive queue; the connection only decides which bytes go
   (``Wire.data``: sequence number and length, the payload is peeked from the
@@ -40,6 +44,7 @@ from trionet.backends.user.tcp_segment import (
     MASK,
     Reassembly,
     Segment,
+    sack_option,
     seq_diff,
     seq_le,
     seq_lt,
@@ -179,6 +184,7 @@ class TcpConn:
         self.irs = 0
         self.rcv_nxt = 0
         self.ws_to_guest = 0
+        self.sack = False  # SACK-permitted both ways: our ACKs carry SACK blocks
         self.wnd_sent = 0  # window last advertised, bytes
         self.rcv_edge = 0  # the furthest right edge advertised (rcv_nxt + window)
         self.guest_fin = False
@@ -230,6 +236,7 @@ class TcpConn:
             self.ws_from_guest, self.ws_to_guest = seg.wscale, OUR_WSCALE
         else:
             self.ws_from_guest = self.ws_to_guest = 0
+        self.sack = seg.sack_ok  # ours is offered in an inbound SYN, echoed in a SYN-ACK
         self.snd_wnd = self.max_snd_wnd = seg.window  # never scaled in a SYN
 
     def connected(self, now: float) -> None:
@@ -247,7 +254,7 @@ class TcpConn:
     def _send_syn(self, now: float) -> None:
         inbound = self.state is State.SYN_SENT
         wscale = OUR_WSCALE if inbound or self.ws_to_guest else None
-        opts = syn_options(self.mss_limit, wscale)
+        opts = syn_options(self.mss_limit, wscale, inbound or self.sack)
         flags = SYN if inbound else SYN | ACK
         window = min(self._space(), 0xFFFF)
         self.wnd_sent = window
@@ -600,8 +607,15 @@ class TcpConn:
             self.window_retry_at = None
         return field
 
+    def _sack(self) -> bytes:
+        """SACK blocks of the data held past a gap, when SACK is on."""
+        if not self.sack or not self.reasm:
+            return b""
+        blocks = self.reasm.blocks(self.rcv_nxt)
+        return sack_option(blocks) if blocks else b""
+
     def _send_ack(self) -> None:
-        self.wire.segment(ACK, self.snd_nxt, self.rcv_nxt, self._window(), b"", b"")
+        self.wire.segment(ACK, self.snd_nxt, self.rcv_nxt, self._window(), b"", self._sack())
         self.ack_due = False
 
     def _send_dup_ack(self) -> None:
@@ -609,7 +623,7 @@ class TcpConn:
         guest does not count it as a duplicate (RFC 5681 §2) and waits for its
         retransmission timer instead of retransmitting at the third."""
         field = self.wnd_sent >> self.ws_to_guest
-        self.wire.segment(ACK, self.snd_nxt, self.rcv_nxt, field, b"", b"")
+        self.wire.segment(ACK, self.snd_nxt, self.rcv_nxt, field, b"", self._sack())
 
     def _to_host(self, data: bytes) -> bool:
         """In-order guest data to the host socket.  What it does not take was

@@ -2,11 +2,14 @@
 number arithmetic, and the data that arrived past a gap.
 
 Without holding segments past a gap, every segment behind a lost one is
-thrown away and the guest sends the whole flight again: with no SACK between
-us, NewReno repairs one segment per round trip and a bulk transfer stalls.
-Held, the guest's one retransmission fills the gap and one ACK covers all
-that followed (RFC 9293 §3.10.7.4: segments past RCV.NXT but within the
-window are kept for later processing).  Sans-IO.
+thrown away and the guest sends the whole flight again.  Held, the guest's
+one retransmission fills the gap and one ACK covers all that followed
+(RFC 9293 §3.10.7.4: segments past RCV.NXT but within the window are kept
+for later processing).  Without SACK the guest still learns of one hole per
+round trip (NewReno), and after a burst loss it repairs them one
+retransmission timeout at a time; with SACK (RFC 2018, when the guest's SYN
+permits it) every ACK sent while data is held says which ranges arrived, so
+the guest resends only the holes, all in one round trip.  Sans-IO.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Segment:
     payload: bytes
     mss: int | None = None  # options, read from SYN segments only
     wscale: int | None = None
+    sack_ok: bool = False  # SACK-permitted
 
     @property
     def seg_len(self) -> int:
@@ -64,17 +68,19 @@ def parse_segment(pkt: P.Packet) -> Segment:
     seq, ack, off, flags, window = struct.unpack_from("!IIBBH", seg, 4)
     hlen = (off >> 4) * 4
     mss = wscale = None
+    sack_ok = False
     if flags & SYN and hlen > 20:
-        mss, wscale = _syn_options(seg[20:hlen])
+        mss, wscale, sack_ok = _syn_options(seg[20:hlen])
     if flags & SYN and flags & (FIN | RST):
         raise P.Drop("tcp_flags")
-    return Segment(seq, ack, flags, window, pkt.payload, mss, wscale)
+    return Segment(seq, ack, flags, window, pkt.payload, mss, wscale, sack_ok)
 
 
-def _syn_options(opts: bytes) -> tuple[int | None, int | None]:
-    """MSS and window scale from a SYN's options; others (SACK, timestamps)
-    are ignored, and a malformed list ends the walk."""
+def _syn_options(opts: bytes) -> tuple[int | None, int | None, bool]:
+    """MSS, window scale and SACK-permitted from a SYN's options; others
+    (timestamps) are ignored, and a malformed list ends the walk."""
     mss = wscale = None
+    sack_ok = False
     i = 0
     while i < len(opts):
         kind = opts[i]
@@ -90,15 +96,33 @@ def _syn_options(opts: bytes) -> tuple[int | None, int | None]:
             mss = struct.unpack_from("!H", opts, i + 2)[0]
         elif kind == 3 and size == 3:
             wscale = min(opts[i + 2], MAX_WSCALE)
+        elif kind == 4 and size == 2:
+            sack_ok = True
         i += size
-    return mss, wscale
+    return mss, wscale, sack_ok
 
 
-def syn_options(mss: int, wscale: int | None) -> bytes:
-    """Our SYN options: MSS, and window scale when offered (padded with NOP)."""
+def syn_options(mss: int, wscale: int | None, sack: bool = False) -> bytes:
+    """Our SYN options: MSS, window scale when offered, SACK-permitted when
+    offered (padded with NOP)."""
     out = struct.pack("!BBH", 2, 4, mss)
     if wscale is not None:
         out += struct.pack("!BBBB", 1, 3, 3, wscale)
+    if sack:
+        out += struct.pack("!BBBB", 1, 1, 4, 2)
+    return out
+
+
+SACK_BLOCKS = 4  # what fits the 40 bytes of options without timestamps
+
+
+def sack_option(blocks: list[tuple[int, int]]) -> bytes:
+    """A SACK option (RFC 2018 §3) for up to ``SACK_BLOCKS`` ranges (left
+    edge, right edge), padded with two NOPs to a multiple of four bytes."""
+    blocks = blocks[:SACK_BLOCKS]
+    out = struct.pack("!BBBB", 1, 1, 5, 2 + 8 * len(blocks))
+    for left, right in blocks:
+        out += struct.pack("!II", left & MASK, right & MASK)
     return out
 
 
@@ -118,6 +142,7 @@ class Reassembly:
         self.bytes = 0
         self.queued = 0  # segments taken in
         self.refused = 0  # segments past the window or the limit
+        self.last: int | None = None  # the segment added last (SACK's first block holds it)
 
     def __len__(self) -> int:
         return len(self.segments)
@@ -130,6 +155,7 @@ class Reassembly:
             self.refused += 1
             return False
         old = self.segments.get(seq)
+        self.last = seq
         if old is not None and len(old) >= len(data):
             return True  # a duplicate
         grow = len(data) - (len(old) if old is not None else 0)
@@ -163,6 +189,27 @@ class Reassembly:
             if rest and (best is None or len(rest) > len(best)):
                 best = rest
         return best
+
+    def blocks(self, rcv_nxt: int) -> list[tuple[int, int]]:
+        """The held data past ``rcv_nxt`` as SACK blocks (left edge, right
+        edge), contiguous and overlapping segments merged: first the block
+        holding the segment added last, then the others from the highest
+        down (RFC 2018 §4)."""
+        spans = sorted(
+            (seq_diff(seq, rcv_nxt), seq_diff(seq, rcv_nxt) + len(data))
+            for seq, data in self.segments.items()
+            if data and seq_diff(seq, rcv_nxt) > 0
+        )
+        merged: list[list[int]] = []
+        for left, right in spans:
+            if merged and left <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], right)
+            else:
+                merged.append([left, right])
+        last = seq_diff(self.last, rcv_nxt) if self.last is not None else -1
+        first = [m for m in merged if m[0] <= last < m[1]]
+        rest = [m for m in reversed(merged) if not m[0] <= last < m[1]]
+        return [((rcv_nxt + a) & MASK, (rcv_nxt + b) & MASK) for a, b in first + rest]
 
     def clear(self) -> None:
         self.segments.clear()
