@@ -161,25 +161,21 @@ async def test_syn_ack_offers_mss_wscale_and_sack_but_no_timestamps(
     conn.server.close()
 
 
-async def test_no_sack_permitted_by_the_guest_means_none_offered(
-    autojump_clock: trio.abc.Clock, stack: UserStack, listener: trio.socket.SocketType
-) -> None:
+@pytest.mark.parametrize("option", ["WScale", "SAckOK"])
+async def test_an_option_the_guest_s_syn_lacks_is_not_offered(
+    autojump_clock: trio.abc.Clock, stack: UserStack, listener: trio.socket.SocketType,
+    option: str,
+) -> None:  # fmt: skip
     wire = Wire(stack)
-    conn = await connect(wire, listener, sack=False)
-    assert "SAckOK" not in dict(conn.synack.options)
+    if option == "WScale":
+        conn = await connect(wire, listener, wscale=None)
+    else:
+        conn = await connect(wire, listener, sack=False)
+    assert option not in dict(conn.synack.options)
     [flow] = stack.tcp.flows.values()
-    assert flow.conn.sack is False
-    conn.server.close()
-
-
-async def test_no_wscale_from_the_guest_means_none_offered(
-    autojump_clock: trio.abc.Clock, stack: UserStack, listener: trio.socket.SocketType
-) -> None:
-    wire = Wire(stack)
-    conn = await connect(wire, listener, wscale=None)
-    assert "WScale" not in dict(conn.synack.options)
-    [flow] = stack.tcp.flows.values()
-    assert flow.conn.ws_to_guest == 0 and flow.conn.ws_from_guest == 0
+    assert (flow.conn.ws_to_guest, flow.conn.ws_from_guest, flow.conn.sack) == (
+        (0, 0, True) if option == "WScale" else (T.OUR_WSCALE, 7, False)
+    )
     conn.server.close()
 
 
