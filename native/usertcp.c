@@ -58,11 +58,10 @@ struct tn_tcpc {
     /* native ACKs (under lock): allowed by Python, and what they said */
     uint8_t ack, ws, owed, acks, took;
     uint32_t snd_nxt, mss, acked, rcv_edge;
-    uint16_t ack_window;
+    uint16_t our_field;           /* the window field last advertised (Python's, or a native ACK's) */
     /* guest ACKs and host data (under lock): allowed by Python (push) */
     uint8_t data, push, ws_from, moved, ack_owed, push_owed;
-    uint16_t our_field;           /* the window field last advertised */
-    uint32_t snd_wnd, max_snd_wnd;
+    uint32_t max_snd_wnd;
     /* the table (under the table's locks) */
     uint8_t indexed, listed, gone, v6;  /* gone: deleted, never listed again */
     uint8_t src[16], dst[16];
@@ -209,23 +208,24 @@ static ssize_t peek_at(struct tn_tcpc *c, uint32_t skip, const struct iovec *iov
     return r > 0 ? r - (ssize_t)skip : 0;
 }
 
+/* tn_tcpc_avail with c locked and its fd open. */
+static int64_t avail_locked(struct tn_tcpc *c, uint32_t offset)
+{
+    int inq = 0;
+    if (ioctl(c->fd, SIOCINQ, &inq) < 0)
+        return -errno;
+    if (inq > 0 && (uint32_t)inq > offset)
+        return (int64_t)((uint32_t)inq - offset);
+    uint8_t one;
+    struct iovec iov = {&one, 1};
+    ssize_t r = peek_at(c, offset, &iov, 1);
+    return r > 0 ? 1 : r == 0 ? -1 : r == -EAGAIN ? 0 : r;
+}
+
 int64_t tn_tcpc_avail(struct tn_tcpc *c, uint32_t offset)
 {
-    int64_t rc;
-    int inq = 0;
     pthread_mutex_lock(&c->lock);
-    if (c->fd < 0) {
-        rc = -EBADF;
-    } else if (ioctl(c->fd, SIOCINQ, &inq) < 0) {
-        rc = -errno;
-    } else if ((uint32_t)inq > offset) {
-        rc = (int64_t)((uint32_t)inq - offset);
-    } else {
-        uint8_t one;
-        struct iovec iov = {&one, 1};
-        ssize_t r = peek_at(c, offset, &iov, 1);
-        rc = r > 0 ? 1 : r == 0 ? -1 : r == -EAGAIN ? 0 : r;
-    }
+    int64_t rc = c->fd >= 0 ? avail_locked(c, offset) : -EBADF;
     pthread_mutex_unlock(&c->lock);
     return rc;
 }
@@ -579,7 +579,7 @@ void tn_tcpc_pause(struct tn_tcpc *c, struct tn_tcpc_sync *out)
     out->rcv_nxt = c->rcv_nxt;
     out->acked = c->acked;
     out->rcv_edge = c->rcv_edge;
-    out->window = c->ack_window;
+    out->window = c->our_field;
     out->acks = c->acks;
     out->took = c->took;
     out->pair = c->pair;
@@ -597,7 +597,7 @@ void tn_tcpc_resume(struct tn_tcpc *c, const struct tn_tcpc_state *st)
     c->rcv_nxt = st->rcv_nxt;
     c->snd_una = st->snd_una;
     c->window_field = st->window_field;
-    c->fast = st->fast != 0 && c->fd >= 0;
+    c->fast = (st->data != 0 || st->push != 0) && c->fd >= 0;
     c->held = 0;
     c->snd_nxt = st->snd_nxt;
     c->rcv_edge = st->rcv_edge;
@@ -606,9 +606,8 @@ void tn_tcpc_resume(struct tn_tcpc *c, const struct tn_tcpc_state *st)
     c->mss = st->mss;
     c->ack = st->ack != 0;
     c->our_field = st->our_field;
-    c->snd_wnd = (uint32_t)st->window_field << c->ws_from;
     c->max_snd_wnd = st->max_snd_wnd;
-    c->data = c->fast && st->data != 0;
+    c->data = st->data != 0;
     c->push = c->fast && st->push != 0 && c->mss > 0;
     pthread_mutex_unlock(&c->lock);
 }
@@ -734,7 +733,6 @@ static int take_ack(struct tn_ttable *t, struct tn_tcpc *c, struct tn_tcp_acks *
     }
     c->snd_una = ack;
     c->window_field = window;
-    c->snd_wnd = wnd;
     if (wnd > c->max_snd_wnd)
         c->max_snd_wnd = wnd;
     c->moved = c->took = 1;
@@ -922,15 +920,14 @@ static uint16_t ack_window(const struct tn_tcpc *c)
 {
     uint32_t outq, sndbuf;
     int64_t space = send_space(c->fd, &outq, &sndbuf);
+    if (space <= 0)
+        return 0;
     uint64_t capacity = sndbuf / 2, sws = c->mss < capacity / 2 ? c->mss : capacity / 2;
-    if (space <= 0 || ((uint64_t)space < sws && outq > 0))
+    if ((uint64_t)space < sws && outq > 0)
         return 0;
     uint64_t cap = (uint64_t)0xFFFF << c->ws;
     return (uint16_t)(((uint64_t)space > cap ? cap : (uint64_t)space) >> c->ws);
 }
-
-#define PUSH_RESERVE 64           /* outbox frames left for other traffic (as Python's) */
-#define PUSH_BURST 256            /* segments one push queues at most (as Python's) */
 
 /* The stream's next segments after a guest ACK (q and c locked, push
  * allowed), by the rule of Python's TcpConn.push: within the guest's window,
@@ -940,23 +937,20 @@ static uint16_t ack_window(const struct tn_tcpc *c)
 static int push_locked(struct tn_ttable *t, struct tn_tcpc *c, struct tn_uoutq *q)
 {
     uint32_t inflight = c->snd_nxt - c->snd_una, mss = c->mss;
-    if (c->snd_wnd <= inflight)
+    uint32_t snd_wnd = (uint32_t)c->window_field << c->ws_from;
+    if (snd_wnd <= inflight)
         return 0;  /* the window is full: the guest's next ACK opens it */
-    uint32_t usable = c->snd_wnd - inflight, room = tn_uout_room_locked(q);
-    room = room > PUSH_RESERVE ? room - PUSH_RESERVE : 0;
-    if (room > PUSH_BURST)
-        room = PUSH_BURST;
-    int inq = 0;
-    if (room == 0 || ioctl(c->fd, SIOCINQ, &inq) < 0)
+    uint32_t usable = snd_wnd - inflight, room = tn_uout_room_locked(q);
+    room = room > TN_TCP_OUTBOX_RESERVE ? room - TN_TCP_OUTBOX_RESERVE : 0;
+    if (room > TN_TCP_PUSH_BURST)
+        room = TN_TCP_PUSH_BURST;
+    if (room == 0)
         return -1;
-    if (inq <= 0 || (uint32_t)inq <= inflight) {
-        uint8_t one;
-        struct iovec iov = {&one, 1};
-        ssize_t r = peek_at(c, inflight, &iov, 1);
-        /* nothing yet: new data wakes Python's task; the end of the stream is Python's */
-        return r > 0 || r == -EAGAIN ? 0 : -1;
-    }
-    uint32_t have = (uint32_t)inq - inflight;
+    /* nothing yet: new data wakes Python's task; the end of the stream is Python's */
+    int64_t avail = avail_locked(c, inflight);
+    if (avail <= 0)
+        return avail == 0 ? 0 : -1;
+    uint32_t have = (uint32_t)avail;
     uint64_t want = usable;
     if (want > (uint64_t)room * mss)
         want = (uint64_t)room * mss;
@@ -1001,7 +995,7 @@ static int ack_locked(struct tn_tcpc *c, struct tn_uoutq *q)
     if ((int32_t)(edge - c->rcv_edge) > 0)
         c->rcv_edge = edge;
     c->acked = c->rcv_nxt;
-    c->ack_window = c->our_field = field;
+    c->our_field = field;
     c->acks = 1;
     return 1;
 }

@@ -61,7 +61,7 @@ void tn_tcpc_stats_get(struct tn_tcpc_stats *out);
  * A table of the connections (struct tn_ttable, keyed as the guest sends:
  * its address and port, the peer's) that the native TX path (tn_user_tx)
  * looks up for every TCP frame.  A frame is taken natively only when
- * Python allowed it for the connection (tn_tcpc_resume with fast = 1) and
+ * Python allowed it for the connection (tn_tcpc_resume with data = 1) and
  * it is the plainest kind: ACK (PSH) only, no options, in order (seq =
  * rcv_nxt), acknowledging nothing new (ack = snd_una, the same window
  * field), with payload and good checksums.  A batch's consecutive such
@@ -128,10 +128,9 @@ struct tn_tcpc_state {
     uint16_t window_field;        /* the guest's last window field */
     uint16_t our_field;           /* the window field last advertised to the guest */
     uint8_t ws_to, ws_from;       /* window scales: towards the guest, from it */
-    uint8_t fast;                 /* the fast path may take the connection's frames */
-    uint8_t data;                 /* ... data segments among them (ESTABLISHED) */
+    uint8_t data;                 /* the fast path may take data segments (ESTABLISHED) */
     uint8_t ack;                  /* ... and acknowledge the data it sends natively */
-    uint8_t push;                 /* ... and take the guest's pure ACKs and send more */
+    uint8_t push;                 /* it may take the guest's pure ACKs and send more */
 };
 /* Python is done with it: the state the fast path checks frames against,
  * and what it may do.  With ack it acknowledges the guest data it took, once
@@ -156,6 +155,11 @@ uint64_t tn_ttable_acks_to_python(const struct tn_ttable *t);
 /* Guest ACKs taken natively, and the segments of host data sent natively. */
 uint64_t tn_ttable_guest_acks(const struct tn_ttable *t);
 uint64_t tn_ttable_push_segments(const struct tn_ttable *t);
+
+/* One push, Python's or native: outbox frames it leaves for other traffic,
+ * and segments it queues at most. */
+#define TN_TCP_OUTBOX_RESERVE 64
+#define TN_TCP_PUSH_BURST 256
 
 /* Queue data entries for len bytes (> 0) at sequence number seq of c's
  * stream, one per segment of at most mss bytes, with ack and the window field

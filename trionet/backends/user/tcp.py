@@ -64,8 +64,8 @@ log = logging.getLogger(__name__)
 
 MAX_TCP_FLOWS = 8192  # two fds each: the socket and its epoll set
 FAST_TAKE = 1024  # connections the native TX path took data for, taken at once
-OUTBOX_RESERVE = 64  # outbox slots left for other traffic
-MAX_BURST = 256  # segments one push puts in an outbox
+OUTBOX_RESERVE = int(lib.TN_TCP_OUTBOX_RESERVE)  # outbox slots left for other traffic
+MAX_BURST = int(lib.TN_TCP_PUSH_BURST)  # segments one push puts in an outbox
 LISTEN_BACKLOG = 128
 ACCEPT_BACKOFF = 0.1  # s after a failed accept(): the listener stays readable
 EP_DATA = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
@@ -531,7 +531,6 @@ class TcpFlows:
         st.ws_to, st.ws_from = conn.ws_to_guest, conn.ws_from_guest
         st.data = conn.state is State.ESTABLISHED
         st.ack, st.push = conn.native_ack, conn.native_push
-        st.fast = st.data or st.push
         lib.tn_tcpc_resume(native, st)
 
     def _release(self, flow: TcpFlow) -> None:
