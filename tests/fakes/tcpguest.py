@@ -5,9 +5,10 @@ ring buffers, so a test can move megabytes: RX buffers are published again
 once read, TX frames go into a fixed pool of slots reclaimed from the used
 ring.  ``GuestConn`` is a deliberately small TCP on top, frames built and
 parsed with scapy: in-order receive (anything else is dropped and at once
-re-acknowledged), go-back-N retransmission after a second without progress,
-window scaling, FIN and RST.  One reader task per pair dispatches segments
-to connections; ACKs go out once per batch of received frames.
+re-acknowledged; with ``sack``, held and SACKed instead), go-back-N
+retransmission after a second without progress, window scaling, FIN and
+RST.  One reader task per pair dispatches segments to connections; ACKs
+go out once per batch of received frames.
 """
 
 from __future__ import annotations
@@ -150,8 +151,11 @@ class GuestNet:
 
     # ---- API ----------------------------------------------------------------------
 
-    async def connect(self, addr: str, port: int, pair: int = 0) -> GuestConn:
+    async def connect(
+        self, addr: str, port: int, pair: int = 0, *, sack: bool = False
+    ) -> GuestConn:
         conn = GuestConn(self, pair, next(self.ports), addr, port)
+        conn.sack = sack
         await conn.connect()
         return conn
 
@@ -182,6 +186,9 @@ class GuestConn:
         self.ack_needed = False
         self.lose: Callable[[TCP], bool] | None = None  # True: the segment is lost on the way
         self.window = 0xFFFF  # the window field it sends (scaled by WSCALE once established)
+        self.sack = False  # SACK-permitted offered (connect), then as the peer answered
+        self.held: dict[int, bytes] = {}  # with SACK: data past a gap
+        self.last_held = 0
         net.conns[(lport, raddr, rport)] = self
 
     def _frame(self, flags: str, seq: int, data: bytes = b"", options: Any = None) -> bytes:
@@ -204,7 +211,9 @@ class GuestConn:
     # ---- opening ----------------------------------------------------------------
 
     async def connect(self) -> None:
-        opts = [("MSS", MSS), ("WScale", WSCALE)]
+        opts: list[tuple[str, Any]] = [("MSS", MSS), ("WScale", WSCALE)]
+        if self.sack:
+            opts.append(("SAckOK", b""))
         while not self.established.is_set():
             self._send("S", self.iss, options=opts)
             with trio.move_on_after(RTO):
@@ -241,6 +250,7 @@ class GuestConn:
         if "S" in flags and "A" in flags:
             self.rcv_nxt = (t.seq + 1) & MASK
             self._options(t)
+            self.sack = self.sack and "SAckOK" in dict(t.options)
             self.snd_una = self.snd_nxt = self.snd_max = t.ack
             self.established.set()
             self.ack_needed = True
@@ -262,9 +272,13 @@ class GuestConn:
             if t.seq == self.rcv_nxt:
                 self.rx += data
                 self.rcv_nxt = (self.rcv_nxt + len(data)) & MASK
+                self._take_held()
                 self.ack_needed = True
             else:  # out of order: a duplicate ACK at once (RFC 5681 §4.2)
-                self._send("A", self.snd_nxt)
+                if self.sack and 0 < (t.seq - self.rcv_nxt) & MASK < 0x80000000:
+                    self.held[t.seq] = data
+                    self.last_held = t.seq
+                self._send("A", self.snd_nxt, options=self._sack_blocks())
         if "F" in flags and (t.seq + len(data)) & MASK == self.rcv_nxt:
             self.rcv_nxt = (self.rcv_nxt + 1) & MASK
             self.fin_received = True
@@ -273,10 +287,38 @@ class GuestConn:
         elif "F" in flags:
             self.ack_needed = True
 
+    def _take_held(self) -> None:
+        """Held data the stream reached: received."""
+        while True:
+            reached = [q for q in self.held if (self.rcv_nxt - q) & MASK < 0x80000000]
+            if not reached:
+                return
+            for q in reached:
+                tail = self.held.pop(q)[(self.rcv_nxt - q) & MASK :]
+                self.rx += tail
+                self.rcv_nxt = (self.rcv_nxt + len(tail)) & MASK
+
+    def _sack_blocks(self) -> Any:
+        """A SACK option of what is held: the block with the latest segment
+        first, then the others from the highest down, at most three."""
+        spans: list[list[int]] = []  # offsets from rcv_nxt
+        for off, size in sorted(((q - self.rcv_nxt) & MASK, len(d)) for q, d in self.held.items()):
+            if spans and off <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], off + size)
+            else:
+                spans.append([off, off + size])
+        last = (self.last_held - self.rcv_nxt) & MASK
+        if not spans:
+            return None
+        first = [b for b in spans if b[0] <= last < b[1]]
+        blocks = first + [b for b in reversed(spans) if b not in first]
+        edges = tuple((self.rcv_nxt + e) & MASK for b in blocks[:3] for e in b)
+        return [("NOP", None), ("NOP", None), ("SAck", edges)]
+
     def flush(self) -> None:
         if self.ack_needed:
             self.ack_needed = False
-            self._send("A", self.snd_nxt)
+            self._send("A", self.snd_nxt, options=self._sack_blocks())
 
     # ---- data ---------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import trio
 from scapy.layers.inet import TCP
 from scapy.packet import Raw
 
-from tests.fakes.tcpguest import GuestConn, guest_net
+from tests.fakes.tcpguest import MSS, GuestConn, guest_net
 from tests.fakes.userguest import GW4, make_config, user_guest
 from tests.unit.test_user_tcp_loopback import pattern, server, stack_of, threads
 from tests.waits import until
@@ -85,9 +85,34 @@ def lose_first(where: Callable[[int, int], bool]) -> Lose:
     return install
 
 
+def lose_each(starts: list[int], lost: list[int]) -> Lose:
+    """For ``GuestConn.lose``: for each offset into the host stream in
+    ``starts``, the first data segment from there on is lost (its length
+    appended to ``lost``)."""
+
+    def install(conn: GuestConn) -> Callable[[TCP], bool]:
+        begin, todo = conn.rcv_nxt, sorted(starts)
+
+        def lose(t: TCP) -> bool:
+            if not todo or Raw not in t or (t.seq - begin) & 0xFFFFFFFF < todo[0]:
+                return False
+            todo.pop(0)
+            lost.append(len(t[Raw].load))
+            return True
+
+        return lose
+
+    return install
+
+
 @asynccontextmanager
 async def streaming(
-    tmp_path: Path, server: Any, threads: bool, payload: bytes, lose: Lose | None = None
+    tmp_path: Path,
+    server: Any,
+    threads: bool,
+    payload: bytes,
+    lose: Lose | None = None,
+    sack: bool = False,
 ) -> AsyncIterator[tuple[UserStack, GuestConn]]:
     """A guest connection the host sends ``payload`` to, then its FIN; the
     guest's window is ``WINDOW`` (scaled by the fake's WSCALE) from the
@@ -96,7 +121,7 @@ async def streaming(
     port = await server(source(payload, go))
     async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
         with trio.fail_after(90):
-            conn = await net.connect(str(GW4), port)
+            conn = await net.connect(str(GW4), port, sack=sack)
             conn.window = WINDOW
             if lose is not None:
                 conn.lose = lose(conn)
@@ -107,13 +132,15 @@ async def streaming(
 
 
 async def fetch(
-    tmp_path: Path, server: Any, threads: bool, payload: bytes, lose: Lose | None = None
+    tmp_path: Path, server: Any, threads: bool, payload: bytes, **guest: Any
 ) -> tuple[bytes, dict[str, int]]:
-    """The host's stream, read to its FIN, and the stack's TCP counters."""
-    async with streaming(tmp_path, server, threads, payload, lose) as (stack, conn):
+    """The host's stream, read to its FIN, and the stack's TCP counters;
+    ``guest``: ``streaming``'s ``lose`` and ``sack``."""
+    async with streaming(tmp_path, server, threads, payload, **guest) as (stack, conn):
         got = await conn.recv_until_fin()
+        assert conn.sack is guest.get("sack", False)
         counters = stack.tcp.counters()
-        for name in ("retransmits", "fast_retransmits"):  # of the open connection
+        for name in ("retransmits", "fast_retransmits", "sack_resent"):  # the open connection
             counters[name] = sum(getattr(f.conn, name) for f in stack.tcp.flows.values())
         return got, counters
 
@@ -151,9 +178,26 @@ async def test_a_segment_lost_after_native_acks_is_sent_again(
     from what C did, and C takes over again once the stream caught up."""
     where, counter = LOSSES[loss]
     payload = pattern(SIZE, 12)
-    got, counters = await fetch(tmp_path, server, threads, payload, lose_first(where))
+    got, counters = await fetch(tmp_path, server, threads, payload, lose=lose_first(where))
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
     assert counters[counter] >= 1, counters
+    assert counters["native_guest_acks"] > 50, counters
+
+
+async def test_a_sack_guest_gets_only_its_holes_again(
+    tmp_path: Path, server: Any, threads: bool
+) -> None:
+    """Three segments of one window are lost: the guest holds what follows
+    them and SACKs it, and the stack resends exactly the three (RFC 6675),
+    not everything after the first; C takes the stream over again after."""
+    payload, lost = pattern(SIZE, 13), list[int]()
+    starts = [(1 << 20) + k * 5 * MSS for k in range(3)]
+    lose = lose_each(starts, lost)
+    got, counters = await fetch(tmp_path, server, threads, payload, lose=lose, sack=True)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    assert len(lost) == 3
+    assert counters["sack_resent"] == sum(lost), (lost, counters)
+    assert counters["retransmits"] == 0 and counters["fast_retransmits"] >= 1, counters
     assert counters["native_guest_acks"] > 50, counters
 
 

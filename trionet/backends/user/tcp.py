@@ -48,14 +48,9 @@ import trio
 from trionet._native import ffi, lib
 from trionet.backends.user import packets as P
 from trionet.backends.user.fwd import Unroutable, guest_view, host_target, listen_points
-from trionet.backends.user.tcp_conn import (
-    ACK,
-    RST,
-    SYN,
-    State,
-    TcpConn,
-)
+from trionet.backends.user.tcp_conn import ACK, RST, SYN, TcpConn
 from trionet.backends.user.tcp_segment import Segment, parse_segment, seq_lt
+from trionet.backends.user.tcp_states import State
 
 if TYPE_CHECKING:
     from trionet.backends.user.stack import UserStack
@@ -545,7 +540,13 @@ class TcpFlows:
                 conn.reset("shutdown")  # the stack stops: both peers are told
         self.stats["released"] += 1
         self.stats[f"reset_{conn.reset_reason}" if conn.reset_reason else "closed"] += 1
-        for name in ("retransmits", "fast_retransmits", "bytes_to_guest", "bytes_from_guest"):
+        for name in (
+            "retransmits",
+            "fast_retransmits",
+            "sack_resent",
+            "bytes_to_guest",
+            "bytes_from_guest",
+        ):
             self.stats[name] += getattr(conn, name)
         self.stats["rst_to_guest"] += flow.wire.rsts
         flow.wire.rsts = 0

@@ -12,16 +12,19 @@ from the guest (``on_segment``), the host socket being ready (``on_readable``,
   clamped to the MTU; window scaling is offered and used when both sides
   sent the option; SACK is permitted when the guest's SYN permits it (and
   offered in our own SYN), and then every ACK sent while guest data is held
-  past a gap carries SACK blocks of what is held (RFC 2018 §4); SACK blocks
-  from the guest are not used (retransmissions go back to the first byte it
-  did not acknowledge); timestamps are neither offered nor used.
+  past a gap carries SACK blocks of what is held (RFC 2018 §4), and the
+  guest's SACK blocks about our data fill a ``Scoreboard``; timestamps are
+  neither offered nor used.
 - **Host → guest**: data is never copied into a buffer of ours.  It stays in
   the socket's receive queue; the connection only decides which bytes go
   (``Wire.data``: sequence number and length, the payload is peeked from the
   socket at offset ``seq - snd_una`` when the frame is laid into the guest's
   ring); what the guest acknowledges is dropped from the queue
-  (``Host.consume``).  Retransmission (timeout with exponential backoff, or
-  three duplicate ACKs) rewinds ``snd_nxt`` to ``snd_una`` and sends again.
+  (``Host.consume``).  Retransmission on timeout (exponential backoff)
+  rewinds ``snd_nxt`` to ``snd_una`` and sends again, as three duplicate
+  ACKs do without SACK; with SACK they start a recovery (RFC 6675) that
+  resends only the holes below the highest byte SACKed, each once, while new
+  data goes on, until ``snd_una`` passes what was sent when it began.
   Segments are at most the guest's MSS, within its window, and never more
   than the wire takes.
 - **Guest → host**: in-order data goes to the socket; only what it accepted
@@ -30,25 +33,34 @@ from the guest (``on_segment``), the host socket being ready (``on_readable``,
 - **Close**: FIN both ways with half-close, RST both ways, an idle timeout,
   keepalives towards a silent guest.
 
-Every transition is in ``TRANSITIONS``; anything else is a bug that resets
-the connection.
+Every transition is in ``tcp_states.TRANSITIONS``; anything else is a bug
+that resets the connection.
 """
 
 from __future__ import annotations
-
-import enum
-from typing import Protocol
 
 from trionet.backends.user import packets as P
 from trionet.backends.user.tcp_segment import (
     MASK,
     Reassembly,
+    Scoreboard,
     Segment,
     sack_option,
     seq_diff,
     seq_le,
     seq_lt,
     syn_options,
+)
+from trionet.backends.user.tcp_states import (
+    GUEST_MAY_SEND,
+    SYNCHRONIZED,
+    TRANSITIONS,
+    WE_MAY_SEND,
+    Event,
+    Host,
+    State,
+    TransitionError,
+    Wire,
 )
 
 FIN, SYN, RST, PSH, ACK = P.TCP_FIN, P.TCP_SYN, P.TCP_RST, P.TCP_PSH, P.TCP_ACK
@@ -63,105 +75,6 @@ KEEPALIVE_INTERVAL = 30.0  # s of guest silence before a keepalive probe
 IDLE_TIMEOUT = 7200.0  # s without any activity: reset (passt's INACTIVITY_INTERVAL)
 BLOCKED_RETRY = 0.01  # s: the wire was full, try again then
 WINDOW_RETRY = 0.02  # s: a zero window we advertised is looked at again this often
-# ---- states --------------------------------------------------------------------------
-
-
-class State(enum.Enum):
-    CONNECTING = "connecting"  # guest SYN seen, host connect() in progress
-    SYN_RCVD = "syn_rcvd"  # SYN-ACK sent to the guest
-    SYN_SENT = "syn_sent"  # inbound: SYN sent to the guest
-    ESTABLISHED = "established"
-    CLOSE_WAIT = "close_wait"  # the guest sent FIN; host data still flows
-    FIN_WAIT_1 = "fin_wait_1"  # our FIN sent (host EOF), not acknowledged
-    FIN_WAIT_2 = "fin_wait_2"  # our FIN acknowledged; guest data still flows
-    CLOSING = "closing"  # both FINs, ours not acknowledged
-    LAST_ACK = "last_ack"  # guest FIN first, then ours, not acknowledged
-    CLOSED = "closed"
-
-
-class Event(enum.Enum):
-    CONNECTED = "connected"  # host connect() done, SYN-ACK sent
-    SYN_ACKED = "syn_acked"  # the guest acknowledged our SYN
-    GUEST_FIN = "guest_fin"
-    FIN_SENT = "fin_sent"  # host EOF, FIN sent to the guest
-    FIN_ACKED = "fin_acked"
-    RESET = "reset"  # either side, or a timeout
-
-
-S, E = State, Event
-# Everything that moves the state lives here.  RESET leads to CLOSED from anywhere.
-TRANSITIONS: dict[tuple[State, Event], State] = {
-    (S.CONNECTING, E.CONNECTED): S.SYN_RCVD,
-    (S.SYN_RCVD, E.SYN_ACKED): S.ESTABLISHED,
-    (S.SYN_SENT, E.SYN_ACKED): S.ESTABLISHED,
-    (S.ESTABLISHED, E.GUEST_FIN): S.CLOSE_WAIT,
-    (S.ESTABLISHED, E.FIN_SENT): S.FIN_WAIT_1,
-    (S.CLOSE_WAIT, E.FIN_SENT): S.LAST_ACK,
-    (S.FIN_WAIT_1, E.GUEST_FIN): S.CLOSING,
-    (S.FIN_WAIT_1, E.FIN_ACKED): S.FIN_WAIT_2,
-    (S.FIN_WAIT_2, E.GUEST_FIN): S.CLOSED,
-    (S.CLOSING, E.FIN_ACKED): S.CLOSED,
-    (S.LAST_ACK, E.FIN_ACKED): S.CLOSED,
-}
-SYNCHRONIZED = frozenset(
-    {S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.FIN_WAIT_2, S.CLOSING, S.LAST_ACK}
-)
-GUEST_MAY_SEND = frozenset({S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2})
-WE_MAY_SEND = frozenset({S.ESTABLISHED, S.CLOSE_WAIT})
-
-
-class TransitionError(Exception):
-    """An event the state machine has no transition for (a bug)."""
-
-
-# ---- what the connection is given -----------------------------------------------------
-
-
-class Host(Protocol):
-    """The host socket, as the connection uses it.  Methods may raise
-    ``OSError`` (the host peer reset the connection)."""
-
-    def available(self, offset: int) -> int:
-        """Bytes in the receive queue beyond ``offset``; 0 when none is there
-        yet, -1 when none is and the peer closed (end of stream)."""
-
-    def consume(self, n: int) -> None:
-        """Drop ``n`` bytes from the head of the receive queue."""
-
-    def send(self, data: bytes) -> int:
-        """Queue ``data``; how many bytes were taken (0 when full)."""
-
-    def space(self) -> int:
-        """Bytes a send would take now."""
-
-    def queued(self) -> int:
-        """Bytes waiting in the send queue (as of the last ``space``)."""
-
-    def capacity(self) -> int:
-        """Bytes the send queue holds when empty (as of the last ``space``)."""
-
-    def shutdown_write(self) -> None: ...
-
-    def abort(self) -> None:
-        """Close with a reset towards the host peer."""
-
-
-class Wire(Protocol):
-    """Segments towards the guest."""
-
-    def room(self) -> int:
-        """Segments the guest side takes now."""
-
-    def segment(
-        self, flags: int, seq: int, ack: int, window: int, payload: bytes, options: bytes
-    ) -> None: ...
-
-    def data(self, flags: int, seq: int, ack: int, window: int, length: int, mss: int) -> None:
-        """Segments of at most ``mss`` bytes carrying ``length`` bytes of the
-        host stream from ``seq`` (taken from the host socket's receive queue,
-        at ``seq - snd_una``); ``flags`` on the last, without PSH on the others."""
-
-
 # ---- the connection --------------------------------------------------------------------
 
 
@@ -180,6 +93,9 @@ class TcpConn:
         self.max_snd_wnd = 0  # the largest window the guest offered (sender SWS avoidance)
         self.ws_from_guest = 0
         self.fin_seq: int | None = None  # sequence number of our FIN once the host said EOF
+        self.scoreboard = Scoreboard()  # what the guest SACKed above snd_una
+        self.recover: int | None = None  # SACK recovery: snd_max when it began
+        self.rexmit_next = iss  # SACK recovery: the holes below this were resent
         # from the guest
         self.irs = 0
         self.rcv_nxt = 0
@@ -206,6 +122,7 @@ class TcpConn:
         self.bytes_from_guest = 0
         self.retransmits = 0
         self.fast_retransmits = 0
+        self.sack_resent = 0  # bytes resent from SACK holes
 
     # ---- transitions ------------------------------------------------------------
 
@@ -365,6 +282,7 @@ class TcpConn:
             and self.fin_seq is None
             and self.snd_nxt == self.snd_max
             and not self.probe
+            and self.recover is None
             and not self.ack_due
             and (self.wnd_sent > 0 or self.guest_fin)
             and self.snd_wnd > 0
@@ -381,6 +299,7 @@ class TcpConn:
         progress = seq_lt(self.snd_una, snd_una)
         if progress:
             self.snd_una = snd_una
+            self.scoreboard.update((), snd_una, self.snd_max)
             self.retries = 0
             self.dupacks = 0
             self.probe = False
@@ -435,6 +354,11 @@ class TcpConn:
             return
         if seq_lt(ack, self.snd_una):
             return  # older than what we know
+        sacked = 0
+        if self.sack and (seg.sack or self.scoreboard):
+            sacked = self.scoreboard.sacked(ack)
+            self.scoreboard.update(seg.sack, ack, self.snd_max)
+            sacked = self.scoreboard.sacked(ack) - sacked  # newly SACKed bytes
         window = seg.window << self.ws_from_guest
         self.window_field = seg.window
         self.max_snd_wnd = max(self.max_snd_wnd, window)
@@ -449,25 +373,45 @@ class TcpConn:
             self.dupacks = 0
             self.probe = False
             self.rto_at = now + self._rto() if self.snd_nxt != self.snd_una else None
+            if self.recover is not None:
+                if seq_le(self.recover, ack):
+                    self.recover = None  # all that was out when it began is in
+                    self.scoreboard.clear()
+                elif seq_lt(self.rexmit_next, ack):
+                    self.rexmit_next = ack
             if fin_acked:
                 self._event(Event.FIN_ACKED)
         elif (
             ack == self.snd_una
             and not seg.payload
             and not seg.flags & FIN
-            and window == self.snd_wnd
+            and (window == self.snd_wnd or sacked > 0)
             and self.snd_max != self.snd_una
         ):
-            self.dupacks += 1
-            if self.dupacks == DUP_ACKS:
-                self.fast_retransmits += 1
-                self._rewind()
+            self._dup_ack()
         self.snd_wnd = window
         if window:
             self.probe = False
         elif self.probe:
             # the guest answers our probes: keep probing, never give up on it
             self.retries = min(self.retries, MAX_RETRIES - 1)
+
+    def _dup_ack(self) -> None:
+        """A duplicate ACK (RFC 5681 §2; with SACK, one that SACKs more,
+        RFC 6675 §2): with SACK blocks, a recovery starts at the third or
+        once three segments' worth is SACKed; without, the third rewinds."""
+        self.dupacks += 1
+        if self.recover is not None:
+            return
+        if self.scoreboard and (
+            self.dupacks >= DUP_ACKS or self.scoreboard.sacked(self.snd_una) >= DUP_ACKS * self.mss
+        ):
+            self.fast_retransmits += 1
+            self.recover = self.snd_max
+            self.rexmit_next = self.snd_una
+        elif self.dupacks == DUP_ACKS:
+            self.fast_retransmits += 1
+            self._rewind()
 
     def _data(self, seg: Segment, now: float) -> None:
         if self.state not in GUEST_MAY_SEND:
@@ -511,11 +455,13 @@ class TcpConn:
         """Send what the host socket holds, within the guest's window, the MSS
         and the wire's room; the FIN once the host said EOF."""
         self.now = now
+        room = self.wire.room()
+        if self.recover is not None:
+            room = self._resend_holes(room)
         if self.state not in WE_MAY_SEND and not (
             self.fin_seq is not None and seq_le(self.snd_nxt, self.fin_seq)
         ):
             return
-        room = self.wire.room()
         window = self.snd_wnd if not self.probe else max(self.snd_wnd, 1)
         sent = False
         while True:
@@ -564,6 +510,22 @@ class TcpConn:
             self.snd_max = self.snd_nxt
         self.ack_due = False
         return n
+
+    def _resend_holes(self, room: int) -> int:
+        """SACK recovery: the holes not yet resent, within the wire's ``room``
+        (segments); what room is left."""
+        start = self.rexmit_next if seq_lt(self.snd_una, self.rexmit_next) else self.snd_una
+        for seq, size in self.scoreboard.holes(start, self.snd_una):
+            if room <= 0:
+                self.blocked_at = self.now
+                break
+            size = min(size, room * self.mss)
+            self.wire.data(ACK | PSH, seq, self.rcv_nxt, self._window(), size, self.mss)
+            room -= -(-size // self.mss)
+            self.rexmit_next = (seq + size) & MASK
+            self.sack_resent += size
+            self.ack_due = False
+        return room
 
     def _send_fin(self) -> None:
         first = self.state in WE_MAY_SEND
@@ -718,6 +680,8 @@ class TcpConn:
             self._retransmit_syn(now)
             return
         self.probe = self.snd_wnd == 0  # zero window: probe with one byte
+        self.recover = None  # the guest may have dropped what it SACKed (RFC 2018 §8)
+        self.scoreboard.clear()
         if self.snd_una != self.snd_max:
             self._rewind()
         self.push(now)

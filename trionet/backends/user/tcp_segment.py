@@ -9,7 +9,10 @@ for later processing).  Without SACK the guest still learns of one hole per
 round trip (NewReno), and after a burst loss it repairs them one
 retransmission timeout at a time; with SACK (RFC 2018, when the guest's SYN
 permits it) every ACK sent while data is held says which ranges arrived, so
-the guest resends only the holes, all in one round trip.  Sans-IO.
+the guest resends only the holes, all in one round trip.  The other way,
+the guest's SACK blocks about our data are kept in a ``Scoreboard``, and a
+fast retransmit resends only its holes (RFC 6675) instead of everything
+after the first.  Sans-IO.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 from trionet.backends.user import packets as P
 
-FIN, SYN, RST = P.TCP_FIN, P.TCP_SYN, P.TCP_RST
+FIN, SYN, RST, ACK = P.TCP_FIN, P.TCP_SYN, P.TCP_RST, P.TCP_ACK
 MAX_WSCALE = 14
 REASSEMBLY_LIMIT = 1 << 20  # bytes held past a gap per connection, at most
 REASSEMBLY_SEGMENTS = 512  # and segments (tiny ones must not cost more than their bytes)
@@ -53,6 +56,7 @@ class Segment:
     mss: int | None = None  # options, read from SYN segments only
     wscale: int | None = None
     sack_ok: bool = False  # SACK-permitted
+    sack: tuple[tuple[int, int], ...] = ()  # SACK blocks (left, right), from ACKs
 
     @property
     def seg_len(self) -> int:
@@ -67,20 +71,23 @@ def parse_segment(pkt: P.Packet) -> Segment:
         raise P.Drop("short_tcp")
     seq, ack, off, flags, window = struct.unpack_from("!IIBBH", seg, 4)
     hlen = (off >> 4) * 4
-    mss = wscale = None
-    sack_ok = False
-    if flags & SYN and hlen > 20:
-        mss, wscale, sack_ok = _syn_options(seg[20:hlen])
     if flags & SYN and flags & (FIN | RST):
         raise P.Drop("tcp_flags")
-    return Segment(seq, ack, flags, window, pkt.payload, mss, wscale, sack_ok)
+    if hlen <= 20:
+        return Segment(seq, ack, flags, window, pkt.payload)
+    mss, wscale, sack_ok, sack = _options(seg[20:hlen])
+    if flags & SYN:
+        return Segment(seq, ack, flags, window, pkt.payload, mss, wscale, sack_ok)
+    return Segment(seq, ack, flags, window, pkt.payload, sack=sack if flags & ACK else ())
 
 
-def _syn_options(opts: bytes) -> tuple[int | None, int | None, bool]:
-    """MSS, window scale and SACK-permitted from a SYN's options; others
-    (timestamps) are ignored, and a malformed list ends the walk."""
+def _options(opts: bytes) -> tuple[int | None, int | None, bool, tuple[tuple[int, int], ...]]:
+    """MSS, window scale, SACK-permitted (a SYN's) and SACK blocks (an ACK's)
+    from a segment's options; others (timestamps) are ignored, and a
+    malformed list ends the walk."""
     mss = wscale = None
     sack_ok = False
+    sack: tuple[tuple[int, int], ...] = ()
     i = 0
     while i < len(opts):
         kind = opts[i]
@@ -98,8 +105,11 @@ def _syn_options(opts: bytes) -> tuple[int | None, int | None, bool]:
             wscale = min(opts[i + 2], MAX_WSCALE)
         elif kind == 4 and size == 2:
             sack_ok = True
+        elif kind == 5 and size in (10, 18, 26, 34):
+            edges = struct.unpack_from(f"!{(size - 2) // 4}I", opts, i + 2)
+            sack = tuple(zip(edges[::2], edges[1::2], strict=True))
         i += size
-    return mss, wscale, sack_ok
+    return mss, wscale, sack_ok, sack
 
 
 def syn_options(mss: int, wscale: int | None, sack: bool = False) -> bytes:
@@ -214,3 +224,60 @@ class Reassembly:
     def clear(self) -> None:
         self.segments.clear()
         self.bytes = 0
+
+
+# ---- what the guest SACKed of ours --------------------------------------------------
+
+
+class Scoreboard:
+    """The ranges of our data above ``snd_una`` that the guest's SACK blocks
+    reported received (RFC 6675 §3's scoreboard): sorted, disjoint, not
+    touching, all within ``(snd_una, snd_max]``."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []  # (left, right) sequence numbers
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+    def update(self, blocks: tuple[tuple[int, int], ...], snd_una: int, snd_max: int) -> None:
+        """Add the guest's blocks; what lies at or below ``snd_una`` (D-SACK,
+        RFC 2883) or past ``snd_max`` (never sent) is not believed.  Ranges
+        at or below ``snd_una`` are dropped."""
+        span = seq_diff(snd_max, snd_una)
+        spans = [(seq_diff(a, snd_una), seq_diff(b, snd_una)) for a, b in self.ranges]
+        for left, right in blocks:
+            a, b = seq_diff(left, snd_una), seq_diff(right, snd_una)
+            if 0 < b <= span and a < b:
+                spans.append((max(a, 0), b))
+        spans.sort()
+        merged: list[list[int]] = []
+        for a, b in spans:
+            if b <= 0:
+                continue
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([max(a, 0), b])
+        self.ranges = [((snd_una + a) & MASK, (snd_una + b) & MASK) for a, b in merged]
+
+    def sacked(self, snd_una: int) -> int:
+        """Bytes SACKed above ``snd_una``."""
+        return sum(seq_diff(b, a) for a, b in self.ranges if seq_lt(snd_una, b))
+
+    def holes(self, start: int, snd_una: int) -> list[tuple[int, int]]:
+        """The bytes not SACKed from ``start`` (at or past ``snd_una``) up to
+        the highest SACKed one, as (sequence number, length): what a fast
+        retransmit resends.  Past the highest SACKed byte nothing is presumed
+        lost (RFC 6675 §4's IsLost)."""
+        out: list[tuple[int, int]] = []
+        at = seq_diff(start, snd_una)
+        for left, right in self.ranges:
+            a, b = seq_diff(left, snd_una), seq_diff(right, snd_una)
+            if at < a:
+                out.append(((snd_una + at) & MASK, a - at))
+            at = max(at, b)
+        return out
+
+    def clear(self) -> None:
+        self.ranges.clear()
