@@ -135,6 +135,24 @@ int tn_uout_pop(struct tn_uoutq *q, uint8_t *buf, uint32_t cap)
 }
 
 /* Append a frame (the caller holds the mutex): 0 when full. */
+static void signal_waiting(struct tn_uoutq *q)
+{
+    if (!q->signalled && !q->deferred) {  /* under the mutex: a drain that clears it sees the write */
+        uint64_t one = 1;
+        q->signalled = 1;
+        (void)!write(q->wake_fd, &one, sizeof(one));
+    }
+}
+
+void tn_uout_defer(struct tn_uoutq *q, int on)
+{
+    pthread_mutex_lock(qlock(q));
+    q->deferred = on != 0;
+    if (q->n > 0)
+        signal_waiting(q);
+    pthread_mutex_unlock(qlock(q));
+}
+
 static int append(struct tn_uoutq *q, uint8_t *buf, uint32_t len)
 {
     if (q->n >= q->limit) {
@@ -145,11 +163,7 @@ static int append(struct tn_uoutq *q, uint8_t *buf, uint32_t len)
     q->frames[k] = buf;
     q->len[k] = len;
     q->n++;
-    if (!q->signalled) {  /* under the mutex: a drain that clears it sees the write */
-        uint64_t one = 1;
-        q->signalled = 1;
-        (void)!write(q->wake_fd, &one, sizeof(one));
-    }
+    signal_waiting(q);
     return 1;
 }
 

@@ -38,6 +38,7 @@ struct tn_uoutq {
     uint32_t n;               /* frames held */
     uint32_t head;            /* oldest frame's index in frames[] */
     uint8_t signalled;        /* wake_fd was written since the last drain */
+    uint8_t deferred;         /* puts do not write wake_fd (tn_uout_defer) */
     uint64_t dropped;         /* puts refused: full */
     uint64_t oversize;        /* frames no RX buffer set of the guest could ever hold: dropped */
     uint8_t *frames[1024];    /* malloc'd, each with room for a virtio-net header in front */
@@ -53,6 +54,9 @@ void tn_uout_close(struct tn_uoutq *q);
 int tn_uout_put(struct tn_uoutq *q, const uint8_t *frame, uint32_t len);
 /* Drop every frame held. */
 void tn_uout_clear(struct tn_uoutq *q);
+/* on: puts stop writing wake_fd (a run of puts from the Trio thread, one
+ * wake-up for all); off: wake_fd is written if frames wait unsignalled. */
+void tn_uout_defer(struct tn_uoutq *q, int on);
 /* Consume the wake-up: wake_fd is readable again once a frame is put. */
 void tn_uout_unwake(struct tn_uoutq *q);
 /* Copy frame i (0: the oldest) into buf (cap bytes); returns its length

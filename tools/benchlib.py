@@ -36,7 +36,8 @@ BACKEND_CPU = 0
 FRONTEND_CPU = 1
 
 # virtio ring size of the namespace rigs' virtio-user port: the largest ring QEMU's
-# virtio-net offers (virtio-user's own default is 256); see tools/benchtcp.py.
+# virtio-net offers (virtio-user's own default is 256), all of it used (--rxd/--txd;
+# see bridge_frontend_argv and tools/benchtcp.py).
 VIRTIO_QUEUE_SIZE = 1024
 # testpmd application arguments of a two-port io-mode bridge.  --stats-period keeps
 # testpmd forwarding with stdin at EOF (without it, testpmd waits for Enter and would
@@ -406,9 +407,17 @@ def bridge_frontend_argv(
     net_tap whose kernel side is `tap` (made in the namespace testpmd runs in), port 1
     a net_virtio_user port on the vhost-user socket `sock`, one queue pair, io mode:
     every frame the kernel sends on `tap` goes into the virtio TX ring, every frame
-    the backend puts in the virtio RX ring comes out of `tap`."""
+    the backend puts in the virtio RX ring comes out of `tap`.  Both rings are used
+    whole, as a guest's driver uses them: without --rxd/--txd, ethdev's fallback
+    ring size (512) leaves half of a 1024-entry ring unused, and a burst the
+    kernel queued on `tap` while testpmd was descheduled overflows the other half
+    (guest -> host TCP lost whole bursts that way)."""
+    rings = (f"--rxd={queue_size}", f"--txd={queue_size}")
     argv = testpmd_argv(
-        cpu=FRONTEND_CPU, prefix=prefix, vdev=f"net_tap0,iface={tap}", app_args=IO_BRIDGE_ARGS
+        cpu=FRONTEND_CPU,
+        prefix=prefix,
+        vdev=f"net_tap0,iface={tap}",
+        app_args=(*IO_BRIDGE_ARGS, *rings),
     )
     return with_extra_vdevs(
         argv, [f"net_virtio_user0,path={sock},queues=1,queue_size={queue_size}"]

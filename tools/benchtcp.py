@@ -81,7 +81,10 @@ there is room.  Either way, a backend that needs less CPU leaves more to the TCP
 sharing the machine, and that is part of what is compared.
 
 Ring size: the virtio-user rings have ``queue_size`` = 1024 entries by default
-(the largest ring QEMU's virtio-net offers; virtio-user's default is 256).  At
+(the largest ring QEMU's virtio-net offers; virtio-user's default is 256), and
+testpmd is told to use all of them (``--rxd``/``--txd``: without them ethdev's
+fallback ring size gives each virtio queue 512 descriptors, half the ring, which a
+guest's driver never leaves unused).  At
 ~100 k frames/s a 256-entry ring holds 2.5 ms of traffic, less than one scheduler
 time slice of the core its consumer shares with iperf3, so io-mode drops dominated
 TCP's behaviour (10 % of frames lost, large run-to-run spread).  The size is the same for

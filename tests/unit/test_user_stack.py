@@ -3,6 +3,8 @@ real vhost-user rings into the stack and real host sockets on loopback."""
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from scapy.packet import Raw
 
 from tests.fakes.userguest import GUEST4, GUEST_MAC, GW4, HDR, OUR_MAC, make_config, user_guest
 from trionet.backends.user.config import Forward
+from trionet.backends.user.fastpath import SlowFrame
 from trionet.backends.user.stack import UserStack
 
 G_MAC, O_MAC = GUEST_MAC.hex(":"), OUR_MAC.hex(":")
@@ -369,3 +372,35 @@ async def test_echo_through_a_ping_socket_keeps_the_guests_identifier(
             assert stack.handled["icmp_echo"] == 1
             [flow] = [f for f in stack.status()["flows"] if f["proto"] == "icmp"]
             assert flow["replies"] == 1
+
+
+def test_a_slow_batch_wakes_the_outbox_s_consumer_once_at_its_end() -> None:
+    """Replies put while a batch of handed-over frames is dispatched do not
+    wake the ring's consumer one by one (with a worker thread on the same
+    core, each wake-up was a context switch per frame): its eventfd stays
+    quiet until the batch is done, then says once that frames wait."""
+    stack = UserStack(make_config(guest_mac=GUEST_MAC), 1)
+    box = stack.outboxes[0]
+    quiet: list[bool] = []
+    dispatch = stack.guest_frame
+
+    def watching(frame: bytes, pair: int, flags: int = 0) -> None:
+        dispatch(frame, pair, flags)
+        quiet.append(not select.select([box.wake_fd], [], [], 0)[0])
+
+    req = bytes(
+        Ether(src=G_MAC, dst="ff:ff:ff:ff:ff:ff")
+        / ARP(op=1, hwsrc=G_MAC, psrc=str(GUEST4), pdst=str(GW4))
+    )
+
+    class Batch:
+        def drain(self) -> list[SlowFrame]:
+            return [SlowFrame(0, 0, req)] * 4
+
+    try:
+        stack.guest_frame = watching  # type: ignore[method-assign]
+        stack.take_slow(Batch())  # type: ignore[arg-type]
+        assert len(box) == 4 and quiet == [True] * 4
+        assert os.eventfd_read(box.wake_fd) == 1
+    finally:
+        stack.close()

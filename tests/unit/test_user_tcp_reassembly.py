@@ -224,3 +224,34 @@ def test_sack_blocks_cover_exactly_what_is_held(arrivals: list[tuple[int, int]],
     assert r.last is not None
     last = seq_diff(r.last, base)
     assert blocks[0][0] <= last < blocks[0][1]
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 60), st.integers(1, 300)), min_size=1, max_size=40),
+    st.integers(0, 2**32 - 1),
+    st.lists(st.integers(0, 3000), max_size=3),
+)
+def test_blocks_kept_up_to_date_equal_blocks_made_anew(
+    arrivals: list[tuple[int, int]], base: int, fills: list[int]
+) -> None:
+    """The ranges ``add`` keeps merged as segments arrive give the blocks
+    that rebuilding them from the held segments gives, asked after every
+    arrival, and after data at the front was taken (``rcv_nxt`` moving);
+    ``take``, which reads them to answer "nothing reachable" at once, takes
+    what a scan of every held segment takes."""
+    r = Reassembly()
+    rcv_nxt = base
+    for k, (start, size) in enumerate(arrivals):
+        r.add((base + start * 100) & 0xFFFFFFFF, bytes([k % 251]) * size, rcv_nxt, 1 << 16)
+        if fills and k == len(arrivals) // 2:
+            rcv_nxt = (base + fills.pop()) & 0xFFFFFFFF
+            r.take(rcv_nxt)
+        fresh = Reassembly()
+        fresh.segments, fresh.last = dict(r.segments), r.last
+        assert r.blocks(rcv_nxt) == fresh.blocks(rcv_nxt)
+    # and whether anything continues the stream at a point reads them too
+    for probe in (rcv_nxt, (base + 150) & 0xFFFFFFFF, (base + 3000) & 0xFFFFFFFF):
+        fresh = Reassembly()
+        fresh.segments, fresh.bytes = dict(r.segments), r.bytes
+        assert r.take(probe) == fresh.take(probe)
+        assert r.segments == fresh.segments and r.bytes == fresh.bytes

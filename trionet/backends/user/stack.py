@@ -14,6 +14,7 @@ dropped and counted by reason (``trionet status`` → ``user.drops``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zlib
 from collections import Counter
@@ -114,15 +115,19 @@ class UserStack:
 
     def take_slow(self, slow: SlowFrames) -> None:
         """After a native TX batch: acknowledge the TCP data it sent, and
-        dispatch the frames it handed over (emptying ``slow``)."""
-        self.tcp.take_fast()
-        frames = slow.drain()
-        skip = superseded_acks([f.frame for f in frames]) if len(frames) > 1 else ()
-        if skip:
-            self.tcp.stats["acks_coalesced"] += len(skip)
-        for i, f in enumerate(frames):
-            if i not in skip:
-                self.guest_frame(f.frame, f.pair, f.flags)
+        dispatch the frames it handed over (emptying ``slow``).  What this
+        puts in the outboxes wakes their consumers once, at the end."""
+        with contextlib.ExitStack() as deferred:
+            for box in self.outboxes:
+                deferred.enter_context(box.wake_deferred())
+            self.tcp.take_fast()
+            frames = slow.drain()
+            skip = superseded_acks([f.frame for f in frames]) if len(frames) > 1 else ()
+            if skip:
+                self.tcp.stats["acks_coalesced"] += len(skip)
+            for i, f in enumerate(frames):
+                if i not in skip:
+                    self.guest_frame(f.frame, f.pair, f.flags)
 
     def guest_frame(self, frame: bytes, pair: int, flags: int = 0) -> None:
         """One frame the guest sent on ``pair`` (no virtio-net header)."""

@@ -17,6 +17,7 @@ after the first.  Sans-IO.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass
 
@@ -153,6 +154,11 @@ class Reassembly:
         self.queued = 0  # segments taken in
         self.refused = 0  # segments past the window or the limit
         self.last: int | None = None  # the segment added last (SACK's first block holds it)
+        # all the held ranges, merged, as offsets from _anchor (None: to be
+        # rebuilt): kept up to date by add, as every out-of-order segment asks
+        # for its blocks and every in-order one whether the gap filled
+        self._anchor = 0
+        self._spans: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.segments)
@@ -174,19 +180,41 @@ class Reassembly:
         ):
             self.refused += 1
             return False
+        if not self.segments:
+            self._anchor, self._spans = rcv_nxt, []
         self.segments[seq] = data
         self.bytes += grow
         self.queued += 1
+        if self._spans is not None:
+            start = seq_diff(seq, self._anchor)
+            self._insert(start, start + len(data))
         return True
+
+    def _insert(self, a: int, b: int) -> None:
+        spans = self._spans
+        assert spans is not None
+        i = bisect.bisect_left(spans, [a, b])
+        if i > 0 and spans[i - 1][1] >= a:
+            i -= 1
+        j = i
+        while j < len(spans) and spans[j][0] <= b:
+            a, b = min(a, spans[j][0]), max(b, spans[j][1])
+            j += 1
+        spans[i:j] = [[a, b]]
 
     def put_back(self, seq: int, data: bytes) -> None:
         """What the host socket did not take of what ``take`` gave: first next time."""
         self.bytes += len(data) - len(self.segments.get(seq, b""))
         self.segments[seq] = data
+        self._spans = None
 
     def take(self, rcv_nxt: int) -> bytes | None:
         """The held bytes that continue the stream at ``rcv_nxt`` (what is
         already below it cut off), or None; anything wholly below it is dropped."""
+        spans = self._spans
+        if spans is not None and (not spans or spans[0][0] > seq_diff(rcv_nxt, self._anchor)):
+            return None  # all of it lies past a gap still
+        self._spans = None
         data = self.segments.pop(rcv_nxt, None)
         if data is not None:
             self.bytes -= len(data)
@@ -205,25 +233,30 @@ class Reassembly:
         edge), contiguous and overlapping segments merged: first the block
         holding the segment added last, then the others from the highest
         down (RFC 2018 §4)."""
-        spans = sorted(
-            (seq_diff(seq, rcv_nxt), seq_diff(seq, rcv_nxt) + len(data))
-            for seq, data in self.segments.items()
-            if data and seq_diff(seq, rcv_nxt) > 0
-        )
-        merged: list[list[int]] = []
-        for left, right in spans:
-            if merged and left <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], right)
-            else:
-                merged.append([left, right])
-        last = seq_diff(self.last, rcv_nxt) if self.last is not None else -1
-        first = [m for m in merged if m[0] <= last < m[1]]
-        rest = [m for m in reversed(merged) if not m[0] <= last < m[1]]
-        return [((rcv_nxt + a) & MASK, (rcv_nxt + b) & MASK) for a, b in first + rest]
+        spans = self._spans
+        if spans is None or (spans and spans[0][0] <= seq_diff(rcv_nxt, self._anchor)):
+            # rebuilt; kept only when it holds every segment (none reaches rcv_nxt)
+            spans = []
+            self._anchor, self._spans = rcv_nxt, spans
+            past = True
+            for seq, data in self.segments.items():
+                start = seq_diff(seq, rcv_nxt)
+                if data and start > 0:
+                    self._insert(start, start + len(data))
+                else:
+                    past = False
+            if not past:
+                self._spans = None
+        base = self._anchor
+        last = seq_diff(self.last, base) if self.last is not None else -1
+        first = [m for m in spans if m[0] <= last < m[1]]
+        rest = [m for m in reversed(spans) if not m[0] <= last < m[1]]
+        return [((base + a) & MASK, (base + b) & MASK) for a, b in first + rest]
 
     def clear(self) -> None:
         self.segments.clear()
         self.bytes = 0
+        self._spans = None
 
 
 # ---- what the guest SACKed of ours --------------------------------------------------
