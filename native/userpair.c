@@ -433,7 +433,6 @@ static int run(struct tn_upair_io *io)
                 signal_fd(io->slow_fd);  /* TCP data went natively: Python acknowledges it */
             if (io->slow->n > 0) {
                 held = 1;
-                io->handoffs++;
                 __atomic_store_n(&io->handed, 1, __ATOMIC_RELEASE);
                 signal_fd(io->slow_fd);
             }

@@ -110,7 +110,6 @@ struct tn_upair_io {
     uint32_t batch;
     uint32_t spin_ns;          /* busy-wait this long for more TX before sleeping */
     uint32_t handed;           /* slow belongs to Python until tn_user_pair_resume */
-    uint64_t handoffs;         /* times slow was handed over */
     uint8_t pair;
     uint8_t mrg;
     uint8_t data_valid;
