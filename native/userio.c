@@ -231,10 +231,44 @@ void tn_uflow_spoke(struct tn_utable *t, int slot, uint8_t bits)
     unlock(t);
 }
 
+/* An epoll set's entries: a UDP flow's slot, or a TCP connection tagged. */
+#define EV_TCP (1ull << 63)
+
 static int ep_add(struct tn_utable *t, uint8_t pair, int fd, int slot)
 {
-    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)slot};
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)(uint32_t)slot};
     return epoll_ctl(t->epfd[pair], EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
+
+int tn_utable_tcp_watch(struct tn_utable *t, struct tn_tcpc *c, uint8_t pair)
+{
+    int fd = tn_tcpc_fd(c), from = tn_tcpc_ep_pair(c);
+    if (pair >= TN_UFLOW_PAIRS || t->epfd[pair] < 0)
+        return -EINVAL;
+    if (fd < 0)
+        return -EBADF;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u64 = EV_TCP | (uintptr_t)c};
+    if (from == pair)  /* re-arm: edge-triggered, an event now if data waits */
+        return epoll_ctl(t->epfd[pair], EPOLL_CTL_MOD, fd, &ev) < 0 ? -errno : 0;
+    write_lock(t);  /* no batch holds an event of c while it moves */
+    if (from >= 0)
+        epoll_ctl(t->epfd[from], EPOLL_CTL_DEL, fd, NULL);
+    int rc = epoll_ctl(t->epfd[pair], EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+    tn_tcpc_set_ep_pair(c, rc == 0 ? pair : -1);
+    unlock(t);
+    return rc;
+}
+
+void tn_utable_tcp_unwatch(struct tn_utable *t, struct tn_tcpc *c)
+{
+    int fd = tn_tcpc_fd(c), from = tn_tcpc_ep_pair(c);
+    if (from < 0)
+        return;
+    write_lock(t);  /* a batch that took an event of c is done with it */
+    if (fd >= 0)
+        epoll_ctl(t->epfd[from], EPOLL_CTL_DEL, fd, NULL);
+    tn_tcpc_set_ep_pair(c, -1);
+    unlock(t);
 }
 
 static int template_ok(const struct tn_uflow *f)
@@ -963,7 +997,13 @@ static int user_rx(struct rx_ctx *c)
         uint32_t before = c->done;
         int more = 0;
         for (int i = 0; i < nev && c->done < c->max; i++) {
-            int slot = (int)ev[i].data.u32;
+            if (ev[i].data.u64 & EV_TCP) {  /* host data of a TCP connection */
+                if (t->tcp != NULL)
+                    tn_tcp_ready(t->tcp, (struct tn_tcpc *)(uintptr_t)(ev[i].data.u64 & ~EV_TCP),
+                                 c->pair);
+                continue;
+            }
+            int slot = (int)(uint32_t)ev[i].data.u64;
             if (!valid_slot(t, slot))
                 continue;
             if (ev[i].events & (EPOLLERR | EPOLLHUP))

@@ -65,6 +65,7 @@ struct tn_uflow {
 };
 
 struct tn_ttable;
+struct tn_tcpc;
 
 struct tn_utable {
     void *lock;               /* the locks (tn_utable_init allocates them) */
@@ -124,6 +125,14 @@ int tn_uflow_add(struct tn_utable *t, const struct tn_uflow *f);
 void tn_uflow_del(struct tn_utable *t, int slot);
 /* Re-home a flow's replies onto pair's epoll set.  0 or -errno / -EINVAL. */
 int tn_uflow_move(struct tn_utable *t, int slot, uint8_t pair);
+/* Host data of a TCP connection (usertcp.h, push allowed) pushed from C: its
+ * socket joins pair's epoll set (edge-triggered), and tn_user_rx of that pair
+ * hands each arrival to tn_tcp_ready.  Called again on the same pair it re-arms
+ * (an edge at once if data waits: what came while Python held it); on
+ * another pair it moves.  0 or -errno. */
+int tn_utable_tcp_watch(struct tn_utable *t, struct tn_tcpc *c, uint8_t pair);
+/* Out of the epoll set, before the socket is closed (no batch holds c after). */
+void tn_utable_tcp_unwatch(struct tn_utable *t, struct tn_tcpc *c);
 /* Slot of a key (addresses: 4 bytes for IPv4, 16 for IPv6), or -1. */
 int tn_uflow_find(struct tn_utable *t, int v6, const uint8_t *src, const uint8_t *dst,
                   uint16_t sport, uint16_t dport);

@@ -442,6 +442,8 @@ static int run(struct tn_upair_io *io)
             int rc = serve_rx(io, &rx_full, &rx_idle);
             if (rc < 0)
                 return fail(io, 1, rc);
+            if (tn_ttable_should_signal(io->table->tcp))
+                signal_fd(io->slow_fd);  /* host data Python has to send */
             if (rc > 0)
                 call(io, rx, io->rx_call);
         }

@@ -52,6 +52,7 @@ struct tn_tcpc {
     /* the TX fast path (under lock) */
     uint8_t fast;                 /* Python lets it take this connection's frames */
     uint8_t held;                 /* Python has it (between pause and resume) */
+    int8_t ep_pair;               /* the pair whose epoll set watches fd (-1: none; Python's) */
     uint8_t pair;                 /* of the last frame it took */
     uint32_t rcv_nxt, snd_una;
     uint16_t window_field;
@@ -83,7 +84,7 @@ struct tn_ttable {
     uint32_t nlisted;
     uint8_t signal;               /* listed since the worker last signalled */
     uint64_t fast_frames, fast_bytes, fast_sends, fast_partial, native_acks, acks_to_python;
-    uint64_t guest_acks, push_segments;
+    uint64_t guest_acks, push_segments, host_ready;
     struct tn_uoutq *out[TN_TCP_PAIRS];
     struct tn_tcpc *list[TT_LIST];
     struct tn_tcpc *slot[TT_SLOTS];
@@ -121,6 +122,7 @@ struct tn_tcpc *tn_tcpc_new(int fd, const uint8_t *tmpl, uint32_t tmpl_len, uint
         return NULL;
     pthread_mutex_init(&c->lock, NULL);
     c->fd = fd;
+    c->ep_pair = -1;
     c->refs = 1;
     c->una = una;
     c->tmpl_len = tmpl_len;
@@ -609,7 +611,18 @@ void tn_tcpc_resume(struct tn_tcpc *c, const struct tn_tcpc_state *st)
     c->max_snd_wnd = st->max_snd_wnd;
     c->data = st->data != 0;
     c->push = c->fast && st->push != 0 && c->mss > 0;
+    if (st->pair < TN_TCP_PAIRS)
+        c->pair = st->pair;
     pthread_mutex_unlock(&c->lock);
+}
+
+int tn_tcpc_fd(const struct tn_tcpc *c) { return c->fd; }
+int tn_tcpc_ep_pair(const struct tn_tcpc *c) { return c->ep_pair; }
+void tn_tcpc_set_ep_pair(struct tn_tcpc *c, int pair) { c->ep_pair = (int8_t)pair; }
+
+uint64_t tn_ttable_host_ready(const struct tn_ttable *t)
+{
+    return __atomic_load_n(&t->host_ready, __ATOMIC_RELAXED);
 }
 
 void tn_ttable_set_out(struct tn_ttable *t, uint32_t pair, struct tn_uoutq *q)
@@ -929,11 +942,12 @@ static uint16_t ack_window(const struct tn_tcpc *c)
     return (uint16_t)(((uint64_t)space > cap ? cap : (uint64_t)space) >> c->ws);
 }
 
-/* The stream's next segments after a guest ACK (q and c locked, push
- * allowed), by the rule of Python's TcpConn.push: within the guest's window,
- * the MSS and the outbox's room, no small segment while more data waits and
- * data is in flight.  Segments queued, or -1: Python's (the end of the
- * stream, an error, or no room). */
+/* The stream's next segments after a guest ACK or host data (q and c locked,
+ * push allowed), by the rule of Python's TcpConn.push: within the guest's
+ * window, the MSS and the outbox's room, no small segment while more data
+ * waits and data is in flight.  Segments queued, or -1: Python's (the end of
+ * the stream, an error, no room, or data sent with none in flight before,
+ * for which Python arms its retransmission timer). */
 static int push_locked(struct tn_ttable *t, struct tn_tcpc *c, struct tn_uoutq *q)
 {
     uint32_t inflight = c->snd_nxt - c->snd_una, mss = c->mss;
@@ -967,7 +981,9 @@ static int push_locked(struct tn_ttable *t, struct tn_tcpc *c, struct tn_uoutq *
     c->snd_nxt += (uint32_t)n >= segs ? (uint32_t)want : (uint32_t)n * mss;
     c->moved = 1;
     __atomic_fetch_add(&t->push_segments, (uint64_t)n, __ATOMIC_RELAXED);
-    return (uint32_t)n >= segs ? n : -1;
+    /* sent with nothing in flight before: Python's retransmission timer may
+     * be off (it saw everything acknowledged), so it is told (listed) */
+    return (uint32_t)n >= segs && inflight > 0 ? n : -1;
 }
 
 /* The ACK for the guest data c sent natively (q and c locked), from its
@@ -998,6 +1014,23 @@ static int ack_locked(struct tn_tcpc *c, struct tn_uoutq *q)
     c->our_field = field;
     c->acks = 1;
     return 1;
+}
+
+void tn_tcp_ready(struct tn_ttable *t, struct tn_tcpc *c, uint8_t pair)
+{
+    struct tn_uoutq *q = pair < TN_TCP_PAIRS ? t->out[pair] : NULL;
+    if (q != NULL)  /* the outbox's lock before the connection's (its drain peeks) */
+        tn_uout_lock(q);
+    pthread_mutex_lock(&c->lock);
+    if (c->push && c->fast && c->fd >= 0) {  /* else Python has it, and looks at resume */
+        __atomic_fetch_add(&t->host_ready, 1, __ATOMIC_RELAXED);
+        /* the guest moved it to another pair since: Python moves the watch */
+        if (q == NULL || c->pair != pair || push_locked(t, c, q) < 0)
+            list_for_ack(t, c);
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (q != NULL)
+        tn_uout_unlock(q);
 }
 
 void tn_tcp_acks_flush(struct tn_ttable *t, struct tn_tcp_acks *acks, uint8_t pair)

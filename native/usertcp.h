@@ -131,6 +131,7 @@ struct tn_tcpc_state {
     uint8_t data;                 /* the fast path may take data segments (ESTABLISHED) */
     uint8_t ack;                  /* ... and acknowledge the data it sends natively */
     uint8_t push;                 /* it may take the guest's pure ACKs and send more */
+    uint8_t pair;                 /* the pair its frames go to (Python's home for it) */
 };
 /* Python is done with it: the state the fast path checks frames against,
  * and what it may do.  With ack it acknowledges the guest data it took, once
@@ -155,6 +156,9 @@ uint64_t tn_ttable_acks_to_python(const struct tn_ttable *t);
 /* Guest ACKs taken natively, and the segments of host data sent natively. */
 uint64_t tn_ttable_guest_acks(const struct tn_ttable *t);
 uint64_t tn_ttable_push_segments(const struct tn_ttable *t);
+/* Host data arrivals (the socket's epoll edge) handled natively: the stream
+ * went on from C, or the connection was listed for Python. */
+uint64_t tn_ttable_host_ready(const struct tn_ttable *t);
 
 /* One push, Python's or native: outbox frames it leaves for other traffic,
  * and segments it queues at most. */
@@ -231,4 +235,15 @@ uint32_t tn_tcp_run_flush(struct tn_ttable *t, struct tn_tcp_run *run, struct tn
 void tn_tcp_acks_flush(struct tn_ttable *t, struct tn_tcp_acks *acks, uint8_t pair);
 /* For the worker: 1 once after the table listed connections (signal Python). */
 int tn_ttable_should_signal(struct tn_ttable *t);
+/* For the epoll sets of userio.c: c's socket fd (-1 once closed), and the
+ * pair whose set watches it (-1: none; only Python's thread changes it). */
+int tn_tcpc_fd(const struct tn_tcpc *c);
+int tn_tcpc_ep_pair(const struct tn_tcpc *c);
+void tn_tcpc_set_ep_pair(struct tn_tcpc *c, int pair);
+/* Host data arrived on c's socket (an edge of pair's epoll set, read lock of
+ * the flow table held): with push allowed, the stream goes on into pair's
+ * outbox as after a guest ACK; the end of the stream, a full outbox, an
+ * error, or a connection the guest moved to another pair is listed for
+ * Python.  A connection Python holds is left alone (its resume looks again). */
+void tn_tcp_ready(struct tn_ttable *t, struct tn_tcpc *c, uint8_t pair);
 /* cdef-end */

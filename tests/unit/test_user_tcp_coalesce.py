@@ -1,5 +1,5 @@
 """Pure ACKs a later ACK of the same connection supersedes in one batch of
-guest frames (``tcp.superseded_acks``): only the last is handled, never a
+guest frames (``tcp_segment.superseded_acks``): only the last is handled, never a
 duplicate ACK, never across another segment of the connection."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
 from scapy.layers.l2 import Ether
 
-from trionet.backends.user.tcp import superseded_acks
+from trionet.backends.user.tcp_segment import superseded_acks
 
 GUEST, GW = "10.0.2.15", "10.0.2.2"
 GUEST6, GW6 = "fd00::15", "fd00::2"

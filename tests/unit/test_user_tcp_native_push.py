@@ -243,3 +243,62 @@ async def test_the_stream_follows_the_pair_of_the_guest_s_acks(
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
     # what was queued on pair 0 before the move still came there: a window's worth
     assert conn.rx_pairs[1] > 10 * conn.rx_pairs[0], conn.rx_pairs
+
+
+CHUNKS, CHUNK = 40, 3000  # each chunk one segment: below the fake guest's MSS
+
+
+@pytest.mark.parametrize("case", ["steady", "move", "lost"])
+async def test_host_data_arriving_with_nothing_in_flight_goes_on_from_c(
+    tmp_path: Path, server: Any, threads: bool, python_data: Counter[str], case: str
+) -> None:
+    """The host sends a chunk only once the guest has the one before: each
+    arrives with nothing in flight, so no guest ACK can start it.  The
+    socket's epoll edge does (``tn_tcp_ready``): Python does not queue the
+    data (it is told, to arm its retransmission timer, as nothing was in
+    flight before).  With ``move`` the guest moves the connection to its
+    second pair after a quarter of the chunks: the next arrival is Python's
+    (it moves the watch), and the rest go there from C.  With ``lost`` one
+    chunk's segment is lost on the way: Python's timer, armed although C sent
+    it, sends it again within the first timeout (no ACK would ever come)."""
+    move = case == "move"
+    payload = pattern(CHUNKS * CHUNK, 16)
+    ready: list[GuestConn] = []
+    go = trio.Event()
+
+    async def lockstep(stream: trio.SocketStream) -> None:
+        async with stream:
+            await go.wait()
+            conn = ready[0]
+            for k in range(CHUNKS):
+                await stream.send_all(payload[k * CHUNK : (k + 1) * CHUNK])
+                have = (k + 1) * CHUNK
+                await until(lambda n=have: len(conn.rx) >= n, f"chunk {k} at the guest")
+                if move and k == CHUNKS // 4:
+                    conn.pair, conn.follow = 1, False
+                    conn.rx_pairs.clear()
+
+    port = await server(lockstep)
+    async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:
+        with trio.fail_after(60 if case != "lost" else 10):  # a keepalive comes after 30 s
+            conn = await net.connect(str(GW4), port)
+            conn.window = WINDOW
+            if case == "lost":
+                conn.lose = lose_first(lambda off, _end: off >= 5 * CHUNK)(conn)
+            conn.ack_needed = True
+            conn.flush()
+            ready.append(conn)
+            go.set()
+            got = await conn.recv_until_fin()
+            stack = stack_of(net)
+            counters = stack.tcp.counters()
+            open_ = sum(f.conn.retransmits for f in stack.tcp.flows.values())
+            counters["retransmits"] = counters.get("retransmits", 0) + open_
+    assert got == payload
+    assert counters["native_host_ready"] >= CHUNKS // 2, counters
+    if case == "lost":  # the retransmission is Python's
+        assert counters["retransmits"] >= 1 and python_data["segments"] <= 4, counters
+        return
+    assert python_data["segments"] <= 3, (python_data, counters)  # Python arms timers only
+    if move:  # after the move: every chunk but the first there came from C on pair 1
+        assert conn.rx_pairs[1] >= CHUNKS - CHUNKS // 4 - 2 and conn.rx_pairs[0] <= 1, conn.rx_pairs

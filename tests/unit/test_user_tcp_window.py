@@ -167,3 +167,19 @@ def test_no_small_segments_into_a_window_an_ack_will_open() -> None:
     # it acknowledges everything: a whole window again
     conn.on_segment(T.Segment(IRS + 1, ISS + 1 + 65536, T.ACK, 512, b""), 1.2)
     assert sum(n for _, n in wire.sent) == 65536
+
+
+def test_an_inbound_connection_starts_with_the_syn_ack_s_window_as_a_field() -> None:
+    """The native paths see the guest's window as its last window field,
+    scaled: after a SYN-ACK (whose window is never scaled) that field must
+    already hold it (scaled down), or C sees a closed window where Python
+    sees an open one, and host data C takes as it arrives goes nowhere."""
+    host = Host()
+    wire = Wire()
+    conn = T.TcpConn(host, wire, iss=ISS, mss_limit=MSS_LIMIT, now=0.0)
+    conn.open(0.0)
+    synack = T.Segment(IRS, ISS + 1, T.SYN | T.ACK, 65535, b"", mss=1460, wscale=7)
+    conn.on_segment(synack, 0.1)
+    assert conn.state is T.State.ESTABLISHED
+    assert conn.window_field == 65535 >> 7 and conn.window_field << conn.ws_from_guest <= 65535
+    assert conn.native_push

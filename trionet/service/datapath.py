@@ -297,6 +297,7 @@ async def user_rx(ctx: PairContext, stack: UserStack) -> None:
     waker = select.epoll()
     waker.register(box.wake_fd, select.EPOLLIN)
     waker.register(stack.fast.epoll_fd(p), select.EPOLLIN)
+    stack.rx_served[p] += 1
     try:
         vr.disable_notify()
         while True:
@@ -313,6 +314,7 @@ async def user_rx(ctx: PairContext, stack: UserStack) -> None:
                 full = b.ring_full
                 if utable.nattention:
                     stack.udp.errors()
+                stack.tcp.take_fast()  # host data C left to Python (tn_tcp_ready)
             if done:
                 notify(ctx, vr)
             if full:
@@ -323,6 +325,7 @@ async def user_rx(ctx: PairContext, stack: UserStack) -> None:
             else:
                 await trio.lowlevel.checkpoint()
     finally:
+        stack.rx_served[p] -= 1
         waker.close()
 
 
@@ -426,6 +429,7 @@ async def run_user_worker(
     fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(3)]
     io.stop_fd, io.slow_fd, io.resume_fd = fds
     rc = 0
+    stack.rx_served[p] += rx_live
     try:
         async with trio.open_nursery() as nursery:
 
@@ -441,6 +445,7 @@ async def run_user_worker(
                 rc = await trio.to_thread.run_sync(lib.tn_user_pair_run, io, limiter=_WORKERS)
             nursery.cancel_scope.cancel()
     finally:
+        stack.rx_served[p] -= rx_live
         for fd in fds:
             os.close(fd)
     if rc < 0:

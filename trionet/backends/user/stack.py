@@ -31,7 +31,8 @@ from trionet.backends.user.fastpath import Outbox, SlowFrames, UdpFastPath
 from trionet.backends.user.fwd import guest_address
 from trionet.backends.user.icmp import IcmpFlows
 from trionet.backends.user.ndp import handle_ndp, unsolicited_ra
-from trionet.backends.user.tcp import TcpFlows, superseded_acks
+from trionet.backends.user.tcp import TcpFlows
+from trionet.backends.user.tcp_segment import superseded_acks
 from trionet.backends.user.udp import UdpFlows
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class UserStack:
         self.seen: dict[int, P.IPAddress] = {}  # the guest's own address in use, by IP version
         self.outboxes = [Outbox(OUTBOX_LIMIT) for _ in range(max_pairs)]
         self.active_pairs = 1
+        # pairs whose RX ring a task or worker serves (tn_user_rx runs): only
+        # there does C take TCP host data as it arrives (TcpFlows._resume)
+        self.rx_served = [0] * max_pairs
         self.drops: Counter[str] = Counter()
         self.handled: Counter[str] = Counter()
         self.dhcp = DhcpServer(cfg)

@@ -38,7 +38,6 @@ import select
 import socket
 import struct
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
 from typing import TYPE_CHECKING, Any
@@ -49,7 +48,7 @@ from trionet._native import ffi, lib
 from trionet.backends.user import packets as P
 from trionet.backends.user.fwd import Unroutable, guest_view, host_target, listen_points
 from trionet.backends.user.tcp_conn import ACK, RST, SYN, TcpConn
-from trionet.backends.user.tcp_segment import Segment, parse_segment, seq_lt
+from trionet.backends.user.tcp_segment import Segment, parse_segment
 from trionet.backends.user.tcp_states import State
 
 if TYPE_CHECKING:
@@ -218,55 +217,6 @@ class GuestWire:
             self.stack.drops["rx_outbox_full"] += missing
 
 
-def superseded_acks(frames: Sequence[bytes]) -> set[int]:
-    """Indexes of pure ACKs in one batch of guest frames that a later pure ACK
-    of the same connection supersedes: same sequence number, a strictly higher
-    acknowledgment, and no other segment of that connection in between.  Only
-    the later one needs handling (cumulative ACKs; its window is the newer);
-    duplicate ACKs (equal numbers) are all kept for fast retransmit.  Under
-    load the guest's ACKs pile up in a batch, and the stack's work per batch
-    stays one ACK per connection.  Read from the raw bytes (IPv4 without
-    options, IPv6 without extension headers, a 20-byte TCP header); a TCP
-    frame of any other shape ends coalescing for the batch."""
-    later: dict[bytes, tuple[int, int]] = {}  # connection -> (seq, ack) of its next frame
-    out: set[int] = set()
-    for i in range(len(frames) - 1, -1, -1):
-        f = frames[i]
-        if len(f) < 54:
-            continue
-        if f[12:14] == b"\x08\x00":
-            if f[23] != P.IPPROTO_TCP:
-                continue
-            if f[14] != 0x45:
-                later.clear()
-                continue
-            key, th, pure = f[26:38], 34, f[16:18] == b"\x00\x28"
-        elif f[12:14] == b"\x86\xdd" and len(f) >= 74:
-            if f[20] != P.IPPROTO_TCP:
-                if f[20] in _V6_EXTENSIONS:
-                    later.clear()
-                continue
-            key, th, pure = f[22:58], 54, f[18:20] == b"\x00\x14"
-        else:
-            continue
-        pure = pure and f[th + 12] == 0x50 and f[th + 13] == ACK
-        if not pure:
-            later.pop(key, None)  # a segment of its own: nothing before it is coalesced
-            continue
-        seq, ack = struct.unpack_from("!II", f, th + 4)
-        nxt = later.get(key)
-        if nxt is not None and nxt[0] == seq and seq_lt(ack, nxt[1]):
-            out.add(i)
-        else:
-            later[key] = (seq, ack)
-    return out
-
-
-# IPv6 next-header values that precede a transport header (hop-by-hop,
-# routing, fragment, destination options, AH, ESP, mobility)
-_V6_EXTENSIONS = frozenset((0, 43, 44, 60, 51, 50, 135))
-
-
 @dataclass(eq=False)
 class TcpFlow:
     key: Key
@@ -294,6 +244,7 @@ class TcpFlows:
         self.table = lib.tn_ttable_new()
         if self.table == ffi.NULL:
             raise MemoryError("tcp connection table")
+        self.utable = stack.fast.table  # whose epoll sets watch the sockets for C
         stack.fast.table.tcp = self.table
         for pair, box in enumerate(stack.outboxes):  # where native ACKs go
             lib.tn_ttable_set_out(self.table, pair, box.cdata)
@@ -510,15 +461,22 @@ class TcpFlows:
             if flow.timer is not None:
                 flow.timer.deadline = float("-inf")
             return
-        if native != ffi.NULL:
-            self._resume(native, conn)
+        native_data = native != ffi.NULL and self._resume(flow, native)
         if conn.state is not State.CONNECTING:
-            self._watch(flow, EP_DATA | (select.EPOLLOUT if conn.want_write else 0))
+            data = EP_DATA & ~select.EPOLLIN if native_data else EP_DATA
+            self._watch(flow, data | (select.EPOLLOUT if conn.want_write else 0))
         if flow.timer is not None:
             flow.timer.deadline = conn.next_deadline()
 
-    def _resume(self, native: Any, conn: TcpConn) -> None:
-        """Hand the connection back to the native paths (``tn_tcpc_resume``)."""
+    def _resume(self, flow: TcpFlow, native: Any) -> bool:
+        """Hand the connection back to the native paths (``tn_tcpc_resume``).
+        True when C also takes the host's data as it arrives: the push is
+        allowed, the connection's pair has its RX ring served (the task or
+        worker that runs ``tn_user_rx``) and the socket is in that pair's
+        epoll set (``tn_utable_tcp_watch``, which re-arms it: what arrived
+        while Python held the connection is looked at at once); Python then
+        does not wake for it."""
+        conn = flow.conn
         st = self.state
         st.rcv_nxt, st.snd_una, st.snd_nxt = conn.rcv_nxt, conn.snd_una, conn.snd_nxt
         st.rcv_edge, st.mss, st.max_snd_wnd = conn.rcv_edge, conn.mss, conn.max_snd_wnd
@@ -526,7 +484,13 @@ class TcpFlows:
         st.ws_to, st.ws_from = conn.ws_to_guest, conn.ws_from_guest
         st.data = conn.state is State.ESTABLISHED
         st.ack, st.push = conn.native_ack, conn.native_push
+        st.pair = flow.wire.pair
         lib.tn_tcpc_resume(native, st)
+        return (
+            bool(st.push)
+            and self.stack.rx_served[st.pair] > 0
+            and lib.tn_utable_tcp_watch(self.utable, native, st.pair) == 0
+        )
 
     def _release(self, flow: TcpFlow) -> None:
         if flow.released:
@@ -557,6 +521,7 @@ class TcpFlows:
             trio.lowlevel.notify_closing(flow.ep.fileno())
             flow.ep.close()
         if flow.host.native != ffi.NULL:
+            lib.tn_utable_tcp_unwatch(self.utable, flow.host.native)  # before the fd closes
             lib.tn_ttable_del(self.table, flow.host.native)
             self.by_native.pop(_addr(flow.host.native), None)
         flow.host.close_native()
@@ -629,6 +594,12 @@ class TcpFlows:
             if flow.wire.pair >= self.stack.active_pairs:
                 flow.wire.pair = self.stack.pair_for_key(flow.key)
                 moved += 1
+                if flow.host.native != ffi.NULL and not flow.mask & select.EPOLLIN:
+                    # C took its host data: from the new pair's epoll set now,
+                    # and Python watches it too until its next step (is that
+                    # pair's RX served yet?)
+                    lib.tn_utable_tcp_watch(self.utable, flow.host.native, flow.wire.pair)
+                    self._watch(flow, flow.mask | select.EPOLLIN)
         return moved
 
     def close_all(self) -> None:
@@ -684,6 +655,7 @@ class TcpFlows:
         data["acks_to_python"] = int(lib.tn_ttable_acks_to_python(self.table))
         data["native_guest_acks"] = int(lib.tn_ttable_guest_acks(self.table))
         data["native_push_segments"] = int(lib.tn_ttable_push_segments(self.table))
+        data["native_host_ready"] = int(lib.tn_ttable_host_ready(self.table))
         return {"connections": len(self.flows), **self.stats, **data}
 
 

@@ -155,6 +155,8 @@ class TcpConn:
             self.ws_from_guest = self.ws_to_guest = 0
         self.sack = seg.sack_ok  # ours is offered in an inbound SYN, echoed in a SYN-ACK
         self.snd_wnd = self.max_snd_wnd = seg.window  # never scaled in a SYN
+        # as the field of a later segment (the native paths scale it): not above the window
+        self.window_field = seg.window >> self.ws_from_guest
 
     def connected(self, now: float) -> None:
         """The host connect() completed: SYN-ACK to the guest."""

@@ -1,5 +1,6 @@
-"""TCP segments from the guest: their fields and SYN options, sequence
-number arithmetic, and the data that arrived past a gap.
+"""TCP segments from the guest: their fields and options, sequence number
+arithmetic, the pure ACKs of a batch that a later one supersedes, and the
+data that arrived past a gap.
 
 Without holding segments past a gap, every segment behind a lost one is
 thrown away and the guest sends the whole flight again.  Held, the guest's
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trionet.backends.user import packets as P
@@ -135,6 +137,58 @@ def sack_option(blocks: list[tuple[int, int]]) -> bytes:
     for left, right in blocks:
         out += struct.pack("!II", left & MASK, right & MASK)
     return out
+
+
+# ---- pure ACKs a later one supersedes --------------------------------------------
+
+
+def superseded_acks(frames: Sequence[bytes]) -> set[int]:
+    """Indexes of pure ACKs in one batch of guest frames that a later pure ACK
+    of the same connection supersedes: same sequence number, a strictly higher
+    acknowledgment, and no other segment of that connection in between.  Only
+    the later one needs handling (cumulative ACKs; its window is the newer);
+    duplicate ACKs (equal numbers) are all kept for fast retransmit.  Under
+    load the guest's ACKs pile up in a batch, and the stack's work per batch
+    stays one ACK per connection.  Read from the raw bytes (IPv4 without
+    options, IPv6 without extension headers, a 20-byte TCP header); a TCP
+    frame of any other shape ends coalescing for the batch."""
+    later: dict[bytes, tuple[int, int]] = {}  # connection -> (seq, ack) of its next frame
+    out: set[int] = set()
+    for i in range(len(frames) - 1, -1, -1):
+        f = frames[i]
+        if len(f) < 54:
+            continue
+        if f[12:14] == b"\x08\x00":
+            if f[23] != P.IPPROTO_TCP:
+                continue
+            if f[14] != 0x45:
+                later.clear()
+                continue
+            key, th, pure = f[26:38], 34, f[16:18] == b"\x00\x28"
+        elif f[12:14] == b"\x86\xdd" and len(f) >= 74:
+            if f[20] != P.IPPROTO_TCP:
+                if f[20] in _V6_EXTENSIONS:
+                    later.clear()
+                continue
+            key, th, pure = f[22:58], 54, f[18:20] == b"\x00\x14"
+        else:
+            continue
+        pure = pure and f[th + 12] == 0x50 and f[th + 13] == ACK
+        if not pure:
+            later.pop(key, None)  # a segment of its own: nothing before it is coalesced
+            continue
+        seq, ack = struct.unpack_from("!II", f, th + 4)
+        nxt = later.get(key)
+        if nxt is not None and nxt[0] == seq and seq_lt(ack, nxt[1]):
+            out.add(i)
+        else:
+            later[key] = (seq, ack)
+    return out
+
+
+# IPv6 next-header values that precede a transport header (hop-by-hop,
+# routing, fragment, destination options, AH, ESP, mobility)
+_V6_EXTENSIONS = frozenset((0, 43, 44, 60, 51, 50, 135))
 
 
 # ---- data past a gap --------------------------------------------------------------
