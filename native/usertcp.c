@@ -61,7 +61,7 @@ struct tn_tcpc {
     uint32_t snd_nxt, mss, acked, rcv_edge;
     uint16_t our_field;           /* the window field last advertised (Python's, or a native ACK's) */
     /* guest ACKs and host data (under lock): allowed by Python (push) */
-    uint8_t data, push, ws_from, moved, ack_owed, push_owed;
+    uint8_t data, push, ws_from, moved, ack_owed, push_owed, timer;
     uint32_t max_snd_wnd;
     /* the table (under the table's locks) */
     uint8_t indexed, listed, gone, v6;  /* gone: deleted, never listed again */
@@ -613,6 +613,7 @@ void tn_tcpc_resume(struct tn_tcpc *c, const struct tn_tcpc_state *st)
     c->push = c->fast && st->push != 0 && c->mss > 0;
     if (st->pair < TN_TCP_PAIRS)
         c->pair = st->pair;
+    c->timer = st->timer != 0;
     pthread_mutex_unlock(&c->lock);
 }
 
@@ -946,8 +947,8 @@ static uint16_t ack_window(const struct tn_tcpc *c)
  * push allowed), by the rule of Python's TcpConn.push: within the guest's
  * window, the MSS and the outbox's room, no small segment while more data
  * waits and data is in flight.  Segments queued, or -1: Python's (the end of
- * the stream, an error, no room, or data sent with none in flight before,
- * for which Python arms its retransmission timer). */
+ * the stream, an error, no room, or data sent with none in flight before and
+ * Python's retransmission timer off, which Python then arms). */
 static int push_locked(struct tn_ttable *t, struct tn_tcpc *c, struct tn_uoutq *q)
 {
     uint32_t inflight = c->snd_nxt - c->snd_una, mss = c->mss;
@@ -981,9 +982,14 @@ static int push_locked(struct tn_ttable *t, struct tn_tcpc *c, struct tn_uoutq *
     c->snd_nxt += (uint32_t)n >= segs ? (uint32_t)want : (uint32_t)n * mss;
     c->moved = 1;
     __atomic_fetch_add(&t->push_segments, (uint64_t)n, __ATOMIC_RELAXED);
-    /* sent with nothing in flight before: Python's retransmission timer may
-     * be off (it saw everything acknowledged), so it is told (listed) */
-    return (uint32_t)n >= segs && inflight > 0 ? n : -1;
+    /* sent with nothing in flight before while Python's retransmission timer
+     * is off (it saw everything acknowledged): it is told (listed), to arm
+     * it.  A running one, set for earlier data, looks again when it fires. */
+    if (inflight == 0 && !c->timer) {
+        c->timer = 1;
+        return -1;
+    }
+    return (uint32_t)n >= segs ? n : -1;
 }
 
 /* The ACK for the guest data c sent natively (q and c locked), from its

@@ -132,6 +132,7 @@ struct tn_tcpc_state {
     uint8_t ack;                  /* ... and acknowledge the data it sends natively */
     uint8_t push;                 /* it may take the guest's pure ACKs and send more */
     uint8_t pair;                 /* the pair its frames go to (Python's home for it) */
+    uint8_t timer;                /* Python's retransmission timer is running */
 };
 /* Python is done with it: the state the fast path checks frames against,
  * and what it may do.  With ack it acknowledges the guest data it took, once

@@ -484,7 +484,7 @@ class TcpFlows:
         st.ws_to, st.ws_from = conn.ws_to_guest, conn.ws_from_guest
         st.data = conn.state is State.ESTABLISHED
         st.ack, st.push = conn.native_ack, conn.native_push
-        st.pair = flow.wire.pair
+        st.pair, st.timer = flow.wire.pair, conn.rto_at is not None
         lib.tn_tcpc_resume(native, st)
         return (
             bool(st.push)
