@@ -134,7 +134,7 @@ int tn_uout_pop(struct tn_uoutq *q, uint8_t *buf, uint32_t cap)
     return len;
 }
 
-/* Append a frame (the caller holds the mutex): 0 when full. */
+/* Write wake_fd once per drain, unless deferred (the caller holds the mutex). */
 static void signal_waiting(struct tn_uoutq *q)
 {
     if (!q->signalled && !q->deferred) {  /* under the mutex: a drain that clears it sees the write */
@@ -153,6 +153,7 @@ void tn_uout_defer(struct tn_uoutq *q, int on)
     pthread_mutex_unlock(qlock(q));
 }
 
+/* Append a frame (the caller holds the mutex): 0 when full. */
 static int append(struct tn_uoutq *q, uint8_t *buf, uint32_t len)
 {
     if (q->n >= q->limit) {

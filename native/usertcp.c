@@ -943,6 +943,9 @@ static uint16_t ack_window(const struct tn_tcpc *c)
     return (uint16_t)(((uint64_t)space > cap ? cap : (uint64_t)space) >> c->ws);
 }
 
+/* The native push may run: Python allows it and does not hold c (c locked). */
+static int pushable(const struct tn_tcpc *c) { return c->push && c->fast && c->fd >= 0; }
+
 /* The stream's next segments after a guest ACK or host data (q and c locked,
  * push allowed), by the rule of Python's TcpConn.push: within the guest's
  * window, the MSS and the outbox's room, no small segment while more data
@@ -961,7 +964,7 @@ static int push_locked(struct tn_ttable *t, struct tn_tcpc *c, struct tn_uoutq *
         room = TN_TCP_PUSH_BURST;
     if (room == 0)
         return -1;
-    /* nothing yet: new data wakes Python's task; the end of the stream is Python's */
+    /* nothing yet: new data raises the socket's edge; the end of the stream is Python's */
     int64_t avail = avail_locked(c, inflight);
     if (avail <= 0)
         return avail == 0 ? 0 : -1;
@@ -1028,7 +1031,7 @@ void tn_tcp_ready(struct tn_ttable *t, struct tn_tcpc *c, uint8_t pair)
     if (q != NULL)  /* the outbox's lock before the connection's (its drain peeks) */
         tn_uout_lock(q);
     pthread_mutex_lock(&c->lock);
-    if (c->push && c->fast && c->fd >= 0) {  /* else Python has it, and looks at resume */
+    if (pushable(c)) {  /* else Python has it, and looks at resume */
         __atomic_fetch_add(&t->host_ready, 1, __ATOMIC_RELAXED);
         /* the guest moved it to another pair since: Python moves the watch */
         if (q == NULL || c->pair != pair || push_locked(t, c, q) < 0)
@@ -1058,7 +1061,7 @@ void tn_tcp_acks_flush(struct tn_ttable *t, struct tn_tcp_acks *acks, uint8_t pa
             }
         }
         if (push_owed && !python)
-            python = !(q != NULL && c->push && c->fast && c->fd >= 0) || push_locked(t, c, q) < 0;
+            python = q == NULL || !pushable(c) || push_locked(t, c, q) < 0;
         if (python)
             list_for_ack(t, c);
         pthread_mutex_unlock(&c->lock);

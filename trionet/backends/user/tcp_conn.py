@@ -501,16 +501,20 @@ class TcpConn:
         if sent and self.rto_at is None:
             self.rto_at = now + self._rto()
 
+    def _data_at(self, seq: int, size: int) -> int:
+        """``size`` bytes of the stream from ``seq`` in segments of at most one
+        MSS (they carry our ACK); how many segments."""
+        self.wire.data(ACK | PSH, seq, self.rcv_nxt, self._window(), size, self.mss)
+        self.ack_due = False
+        return -(-size // self.mss)
+
     def _send_data(self, size: int) -> int:
-        """``size`` bytes from ``snd_nxt`` in segments of at most one MSS; how
-        many segments."""
-        self.wire.data(ACK | PSH, self.snd_nxt, self.rcv_nxt, self._window(), size, self.mss)
+        """``size`` bytes from ``snd_nxt``; how many segments."""
+        n = self._data_at(self.snd_nxt, size)
         self.snd_nxt = (self.snd_nxt + size) & MASK
-        n = -(-size // self.mss)
         if seq_lt(self.snd_max, self.snd_nxt):
             self.bytes_to_guest += seq_diff(self.snd_nxt, self.snd_max)
             self.snd_max = self.snd_nxt
-        self.ack_due = False
         return n
 
     def _resend_holes(self, room: int) -> int:
@@ -522,11 +526,9 @@ class TcpConn:
                 self.blocked_at = self.now
                 break
             size = min(size, room * self.mss)
-            self.wire.data(ACK | PSH, seq, self.rcv_nxt, self._window(), size, self.mss)
-            room -= -(-size // self.mss)
+            room -= self._data_at(seq, size)
             self.rexmit_next = (seq + size) & MASK
             self.sack_resent += size
-            self.ack_due = False
         return room
 
     def _send_fin(self) -> None:
