@@ -995,14 +995,17 @@ static int user_rx(struct rx_ctx *c)
         uint32_t quota = (c->max - c->done) / (uint32_t)nev;
         quota = quota > 8 ? quota : 8;
         uint32_t before = c->done;
-        int more = 0;
-        for (int i = 0; i < nev && c->done < c->max; i++) {
-            if (ev[i].data.u64 & EV_TCP) {  /* host data of a TCP connection */
+        int more = 0, full = 0;
+        for (int i = 0; i < nev; i++) {
+            /* a TCP connection's host data: edge-triggered, so every one taken is handled */
+            if (ev[i].data.u64 & EV_TCP) {
                 if (t->tcp != NULL)
                     tn_tcp_ready(t->tcp, (struct tn_tcpc *)(uintptr_t)(ev[i].data.u64 & ~EV_TCP),
                                  c->pair);
                 continue;
             }
+            if (full || c->done >= c->max)
+                continue;  /* a UDP flow is level-triggered: reported again next time */
             int slot = (int)(uint32_t)ev[i].data.u64;
             if (!valid_slot(t, slot))
                 continue;
@@ -1014,10 +1017,12 @@ static int user_rx(struct rx_ctx *c)
             if (rc < 0)
                 return rc;
             if (rc == RX_FULL)
-                return 0;
+                full = 1;
             if (rc == RX_MORE)
                 more = 1;
         }
+        if (full)
+            return 0;
         /* every flow that had something was drained (and epoll had no more to
          * say, or this round got nowhere): wait for the sockets */
         if (!more && (nev < RX_EVENTS || c->done == before)) {
