@@ -78,7 +78,7 @@ int tn_uout_drain(struct tn_uoutq *q, struct tn_vq *vq, const struct tn_mem *m, 
                   struct tn_batch *b);
 
 /* cdef-skip */
-/* For the native TCP paths (usertcp.c), which take the outbox's mutex
+/* For the native TCP paths (usertcp_push.c), which take the outbox's mutex
  * before a connection's (the drain's order), never after: tn_uout_put and
  * tn_uout_put_tcp with the mutex held, and the frames it has room for. */
 struct tn_tcpc;

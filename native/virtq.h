@@ -1,6 +1,7 @@
-/* trionet's native ring core: guest memory table, split virtqueues, and the
- * batched per-packet paths.  Read by cffi as the cdef (plain declarations and
- * integer #defines only), and included by virtq.c.
+/* trionet's native ring core: guest memory table, split virtqueues
+ * (virtq.c), and the batched per-packet paths (virtq_batch.c).  Read by cffi
+ * as the cdef (plain declarations and integer #defines only), and included by
+ * virtq.c and virtq_batch.c.
  *
  * Nothing here owns policy: Python decides what runs when.  Every guest
  * address is range-checked against the memory table before use, every

@@ -18,11 +18,12 @@ one Trio task per connection, frames to the guest's queue pairs.
   segment; ``rehome`` moves connections off disabled pairs without a reset.
 - **Frames** are built from a per-connection header template (``Template``):
   addresses, ports and the pseudo-header sum are computed once.
-- **Native paths** (``native/usertcp.c``): between two of Python's steps the
-  TX path may send the guest's in-order data, acknowledge it, take the
-  guest's pure ACKs and send the stream on; each step starts by pausing the
-  native part and taking over what it did (``tn_tcpc_pause``), and ends by
-  handing the state back with what it may do (``_resume``).
+- **Native paths** (``native/usertcp_tx.c``, ``native/usertcp_push.c``):
+  between two of Python's steps the TX path may send the guest's in-order
+  data, acknowledge it, take the guest's pure ACKs and send the stream on;
+  each step starts by pausing the native part and taking over what it did
+  (``tn_tcpc_pause``, ``native/usertcp_table.c``), and ends by handing the
+  state back with what it may do (``_resume``).
 - A closed connection's socket, epoll set and table entry are released by its
   task; nothing stays behind.
 """
