@@ -1,7 +1,7 @@
 """Helpers for tools/bench: run DPDK testpmd (virtio-user frontend, net_vhost baseline
 backend) and trionet, parse testpmd statistics, and clean up reliably; plus what the
 namespace rigs of the tcp and udp sections share (short commands, links inside a
-namespace, the testpmd net_tap <-> virtio-user bridge that plays a guest's driver,
+namespace, the testpmd net_af_packet <-> virtio-user bridge that plays a guest's driver,
 CPU time of a process, small C tools built at run time).
 
 Every process started here gets its own session, is tracked in a registry and is
@@ -400,24 +400,72 @@ def with_extra_vdevs(argv: list[str], vdevs: Sequence[str]) -> list[str]:
     return [*argv[:sep], *extra, *argv[sep:]]
 
 
+# The bridge's tx retry: a guest's driver that finds its TX ring full stops its queue
+# and the kernel holds the frames, it does not drop them; testpmd's io mode would.
+BRIDGE_COMMANDS = ("set fwd io retry", "set burst tx delay 20 retry 200")
+# net_af_packet's PACKET_MMAP rings: frames of up to 2048 bytes (MTU 1500 and the
+# tpacket header), twice the virtio ring's entries.
+AF_PACKET_FRAME = 2048
+AF_PACKET_FRAMES = 2 * VIRTIO_QUEUE_SIZE
+
+
+def make_guest_link(ns: str, ifname: str) -> str:
+    """The kernel side of the bridge in `ns`: a veth pair, `ifname` the guest's
+    interface (configured by the caller) and its peer the bridge's, both up and
+    without offloads (no segmentation or checksum offload: frames of at most the MTU
+    with their checksums, as a tap without a virtio-net header has).  Returns the
+    peer's name."""
+    peer = ifname + "b"
+    run_cmd(
+        ["ip", "-n", ns, "link", "add", "name", ifname, "type", "veth", "peer", "name", peer],
+        "make the guest's veth pair",
+    )
+    # The peer sends nothing of its own: net_af_packet also reads a link's outgoing
+    # frames, and its IPv6 (router solicitations, MLD) would reach the backend with
+    # the peer's MAC, which trionet would take for the guest's.
+    run_cmd(
+        [*netns_exec(ns), "sysctl", "-q", "-w", f"net.ipv6.conf.{peer}.disable_ipv6=1"],
+        f"turn IPv6 off on {peer}",
+    )
+    for dev in (ifname, peer):
+        run_cmd(
+            [*netns_exec(ns), "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off",
+             "tx", "off", "rx", "off"],
+            f"turn {dev}'s offloads off",
+        )  # fmt: skip
+        run_cmd(["ip", "-n", ns, "link", "set", "dev", dev, "up"], f"set {dev} up")
+    return peer
+
+
 def bridge_frontend_argv(
-    *, prefix: str, tap: str, sock: Path, queue_size: int = VIRTIO_QUEUE_SIZE
+    *, prefix: str, link: str, sock: Path, queue_size: int = VIRTIO_QUEUE_SIZE
 ) -> list[str]:
     """testpmd playing a guest's virtio-net driver, on FRONTEND_CPU: port 0 is a
-    net_tap whose kernel side is `tap` (made in the namespace testpmd runs in), port 1
-    a net_virtio_user port on the vhost-user socket `sock`, one queue pair, io mode:
-    every frame the kernel sends on `tap` goes into the virtio TX ring, every frame
-    the backend puts in the virtio RX ring comes out of `tap`.  Both rings are used
-    whole, as a guest's driver uses them: without --rxd/--txd, ethdev's fallback
-    ring size (512) leaves half of a 1024-entry ring unused, and a burst the
-    kernel queued on `tap` while testpmd was descheduled overflows the other half
-    (guest -> host TCP lost whole bursts that way)."""
+    net_af_packet on `link` (make_guest_link's peer, in the namespace testpmd runs
+    in), port 1 a net_virtio_user port on the vhost-user socket `sock`, one queue
+    pair, io mode with tx retry (BRIDGE_COMMANDS, written next to `sock`): every
+    frame the kernel sends on the guest's interface goes into the virtio TX ring,
+    every frame the backend puts in the virtio RX ring comes out of it.
+
+    - Both virtio rings are used whole, as a guest's driver uses them: without
+      --rxd/--txd, ethdev's fallback ring size (512) leaves half of a 1024-entry
+      ring unused, and a burst the kernel queued while testpmd was descheduled
+      overflows the other half (guest -> host TCP lost whole bursts that way).
+    - A full virtio TX ring is waited on, not dropped at (a driver stops its queue).
+    - Not net_tap: it arms a signal per arriving frame (F_SETSIG), which wakes
+      testpmd's idle control threads thousands of times a second on the bridge's
+      core; measured, a third of that core.  net_af_packet polls its ring."""
+    cmds = sock.with_suffix(".testpmd")
+    cmds.write_text("\n".join(BRIDGE_COMMANDS) + "\n")
     rings = (f"--rxd={queue_size}", f"--txd={queue_size}")
     argv = testpmd_argv(
         cpu=FRONTEND_CPU,
         prefix=prefix,
-        vdev=f"net_tap0,iface={tap}",
-        app_args=(*IO_BRIDGE_ARGS, *rings),
+        vdev=(
+            f"net_af_packet0,iface={link},qpairs=1,blocksz=4096,framesz={AF_PACKET_FRAME},"
+            f"framecnt={AF_PACKET_FRAMES},qdisc_bypass=1"
+        ),
+        app_args=(*IO_BRIDGE_ARGS, f"--cmdline-file={cmds}", *rings),
     )
     return with_extra_vdevs(
         argv, [f"net_virtio_user0,path={sock},queues=1,queue_size={queue_size}"]

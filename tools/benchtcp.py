@@ -6,10 +6,10 @@ number, deleted afterwards):
     namespace G ("guest")                        namespace H ("host")
     iperf3 client, 10.77.0.1/24 on tng0          iperf3 server, 10.77.0.2/24 on tnb0
        |  kernel TCP/IP                                   |  kernel TCP/IP
-    tng0: kernel tap made by DPDK net_tap        tnb0: kernel tap of the backend
+    tng0: veth, its peer tng0b in G too          tnb0: kernel tap of the backend
        |                                                  |
-    frontend testpmd, CPU 1, io mode:            backend under test, CPU 0:
-      port 0 net_tap0,iface=tng0  <->              trionet --backend tap --tap tnb0
+    frontend testpmd, CPU 1, io retry mode:      backend under test, CPU 0:
+      port 0 net_af_packet0,iface=tng0b <->        trionet --backend tap --tap tnb0
       port 1 net_virtio_user0,path=SOCK ==SOCK==     --queue-pairs 1 [--threads], or
                                                    testpmd, io mode: port 0
                                                      net_vhost0,iface=SOCK <-> port 1
@@ -17,10 +17,12 @@ number, deleted afterwards):
 
 The frontend testpmd plays the guest's virtio-net driver: every frame the guest
 kernel sends on tng0 goes into the virtio TX ring, every frame the backend puts in
-the virtio RX ring goes out through tng0 (--forward-mode=io, ports paired, no
---tx-first).  Both testpmd instances run without hugepages, as in tools/bench; each
-runs inside its namespace so that net_tap creates its tap there, and meets the
-other side through the vhost-user socket on the shared file system.
+the virtio RX ring goes out through tng0 (--forward-mode=io with tx retry, ports
+paired, no --tx-first; benchlib.bridge_frontend_argv).  Both testpmd instances run
+without hugepages, as in tools/bench; each runs inside its namespace (the frontend's
+net_af_packet polls tng0's veth peer there, the backend testpmd's net_tap creates
+tnb0 there), and meets the other side through the vhost-user socket on the shared
+file system.
 
 Definitions:
 
@@ -35,9 +37,9 @@ Definitions:
         TCP retransmissions counted by the sending side.
   fe_dropped
         frames the frontend testpmd received on one port and could not put on the
-        other: io mode drops a burst's remainder when the next ring is full, where
-        a kernel driver would stop its queue.  In the "out" direction these are
-        frames the backend did not take from the virtio TX ring in time.
+        other: with tx retry it waits up to 4 ms for room, as a kernel driver stops
+        its queue, and drops only then.  In the "out" direction these are frames
+        the backend did not take from the virtio TX ring in that time.
   be_dropped
         frames the backend dropped: trionet's own drop counters (status of its
         --control-socket); for DPDK, the net_vhost testpmd's io-mode TX drops (in
@@ -55,19 +57,20 @@ Definitions:
         fraction of all CPUs busy during the half second before the run: anything
         well above 0 means other work on the machine and distorted figures.
 
-Offloads and frame sizes, the same for both backends: DPDK's net_tap opens its
-taps without IFF_VNET_HDR, so the kernel in either namespace checksums and
-segments everything itself before a frame reaches a tap; the testpmd ports enable
+Offloads and frame sizes, the same for both backends: tng0 and its peer have every
+offload off and DPDK's net_tap opens its taps without IFF_VNET_HDR, so the kernel
+in either namespace checksums and segments everything itself before a frame
+reaches a port; the testpmd ports enable
 no offloads, so virtio-user acks only MRG_RXBUF, RING_INDIRECT_DESC and VERSION_1
 (no CSUM, GUEST_CSUM, TSO or UFO bits, and no EVENT_IDX) with either backend, and
 trionet leaves TUNSETOFFLOAD at 0 on its tap.  Every frame is therefore at most
 1514 bytes with a full checksum; no GSO frame crosses the virtio rings in either
 case, so this compares per-frame costs at MTU 1500, not segment-count arithmetic.
 (net_tap in DPDK 22.11 caps frames at 1522 bytes, so a jumbo MTU is not an option.)
-Neither tap does GRO: a write to a tap runs the receiving kernel's IP/TCP input and
-the wakeup of iperf3 synchronously in the writing thread, so on the H side that
-work is charged to the backend's CPU in both cases, and on the G side to the
-frontend's.
+Neither side does GRO: a write to a tap (or af_packet's send on a veth) runs the
+receiving kernel's IP/TCP input and the wakeup of iperf3 in the writing thread, so
+on the H side that work is charged to the backend's CPU in both cases, and on the
+G side to the frontend's.
 
 CPU placement (2 CPUs): the backend under test on CPU 0 (trionet's process and its
 native worker thread; or the net_vhost testpmd's main and polling lcores), the
@@ -368,8 +371,9 @@ class _Run:
         return self._spawn("backend testpmd", [*bl.netns_exec(self.ns_host), *argv])
 
     def start_frontend(self) -> bl.Proc:
+        link = bl.make_guest_link(self.ns_guest, GUEST_IF)
         argv = bl.bridge_frontend_argv(
-            prefix=self.fe_prefix, tap=GUEST_IF, sock=self.sock, queue_size=self.queue_size
+            prefix=self.fe_prefix, link=link, sock=self.sock, queue_size=self.queue_size
         )
         return self._spawn("frontend testpmd", [*bl.netns_exec(self.ns_guest), *argv])
 
@@ -392,7 +396,6 @@ class _Run:
             bl.configure_link(self.ns_host, HOST_IF, f"{HOST_ADDR}/{PREFIX_LEN}")
 
             frontend = self.start_frontend()
-            bl.wait_for_link(self.ns_guest, GUEST_IF, frontend, timeout=30.0)
             bl.configure_link(self.ns_guest, GUEST_IF, f"{GUEST_ADDR}/{PREFIX_LEN}")
             # Forwarding has started once testpmd prints its first statistics.
             bl.wait_for_output(frontend, "Port statistics", timeout=30.0)

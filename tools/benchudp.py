@@ -11,8 +11,9 @@ forwarded to the guest.  The host is this machine's own network namespace.
                --gateway 10.0.2.2 -4 --mtu 1500 -u 127.0.0.1/PIN:PIN TRIONET_ARGS, as
                uid 0 without capabilities (empty bounding set, no_new_privs).  The
                guest reaches it as a VM would, through a vhost-user socket: testpmd in
-               the namespace bridges a net_tap port (tng0) and a net_virtio_user port
-               in io mode (the rig of tools/benchtcp.py; benchlib.bridge_frontend_argv).
+               the namespace bridges a net_af_packet port on the peer of tng0 (a veth
+               pair, offloads off) and a net_virtio_user port in io mode with tx retry
+               (the rig of tools/benchtcp.py; benchlib.bridge_frontend_argv).
   pasta        pasta -f -q -4 --config-net -I tng0 -a 10.0.2.15 -n 24 -g 10.0.2.2
                -m 1500 -u 127.0.0.1/PIN -U none -T none -t none HOLDER_PID, as uid
                65534; it joins the namespace and serves its tap itself.
@@ -45,8 +46,8 @@ guest's MAC).
   us/dgram   stack_cpu per received datagram, in microseconds: the stack's cost of
              one datagram (for pasta and slirp4netns "in", including the namespace
              kernel's receive path, see below).
-  tap_drop   RX + TX drops on tng0 in the namespace during the figure (its queue
-             overflowing: nobody read it fast enough).
+  tap_drop   RX + TX drops on tng0 in the namespace during the figure (a tap's
+             queue overflowing, or trionet's veth peer: nobody read it fast enough).
   fwd_drop   "in": drops at the stack's socket on 127.0.0.1:PIN (its receive buffer
              full: the stack did not read fast enough).
   sock_drop  drops at the receiver's own socket: above 0, the receiver was too slow.
@@ -59,7 +60,7 @@ CPU placement (2 CPUs): the stack on CPU 0, sender and receiver on CPU 1, and so
 trionet's polling testpmd bridge, as the frontend in every other section: a guest-side
 cost pasta's and slirp4netns' guests do not have (the namespace kernel uses their tap
 directly), while their tap writes run the namespace kernel's receive path on CPU 0,
-which for trionet testpmd does on CPU 1.  tx_kpps, stack_cpu and the drop columns
+which for trionet testpmd's af_packet sends do on CPU 1.  tx_kpps, stack_cpu and the drop columns
 show which side limited a figure.
 
 Every step has a timeout; every process is started in its own session and stopped by
@@ -314,10 +315,10 @@ class _Stack:
         ]
         self.stack = self._spawn("trionet", argv, env=bl.trionet_env(REPO))
         bl.wait_for_socket(self.sock, self.stack, timeout=30.0)
-        argv = bl.bridge_frontend_argv(prefix=self.fe_prefix, tap=GUEST_IF, sock=self.sock)
+        link = bl.make_guest_link(self.ns, GUEST_IF)
+        argv = bl.bridge_frontend_argv(prefix=self.fe_prefix, link=link, sock=self.sock)
         frontend = self._spawn("frontend testpmd", [*bl.netns_exec(self.ns), *argv])
         self.watched.append(frontend)
-        bl.wait_for_link(self.ns, GUEST_IF, frontend, timeout=30.0)
         bl.configure_link(
             self.ns, GUEST_IF, f"{self.guest_addr}/{PREFIX_LEN}", mtu=MTU, gateway=GATEWAY
         )

@@ -2,7 +2,7 @@
 
 The rig is tools/benchudp.py's (one fresh unprivileged namespace per stack, interface
 tng0, 10.0.2.0/24 with the gateway 10.0.2.2 mapped to the host's 127.0.0.1; trionet
---backend user behind the testpmd net_tap <-> virtio-user bridge, pasta and
+--backend user behind the testpmd net_af_packet <-> virtio-user bridge, pasta and
 slirp4netns serving the namespace's tap themselves; each stack on CPU 0, testpmd on
 CPU 1): its set-up is imported from there, including the short UDP burst that checks
 the path.  Then iperf3 -s -B 127.0.0.1 runs on the host and the client in the
