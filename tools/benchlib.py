@@ -401,8 +401,11 @@ def with_extra_vdevs(argv: list[str], vdevs: Sequence[str]) -> list[str]:
 
 
 # The bridge's tx retry: a guest's driver that finds its TX ring full stops its queue
-# and the kernel holds the frames, it does not drop them; testpmd's io mode would.
-BRIDGE_COMMANDS = ("set fwd io retry", "set burst tx delay 20 retry 200")
+# and the kernel holds the frames, it does not drop them; testpmd's io mode would.  It
+# waits up to 50 ms (500 x 100 us): with 4 ms, a backend whose host socket was full
+# for longer (it must not take more guest data then) still saw 60-120 frames of a
+# 5 s guest -> host TCP run dropped, and retransmissions.
+BRIDGE_COMMANDS = ("set fwd io retry", "set burst tx delay 100 retry 500")
 # net_af_packet's PACKET_MMAP rings: frames of up to 2048 bytes (MTU 1500 and the
 # tpacket header), twice the virtio ring's entries.
 AF_PACKET_FRAME = 2048

@@ -37,7 +37,7 @@ Definitions:
         TCP retransmissions counted by the sending side.
   fe_dropped
         frames the frontend testpmd received on one port and could not put on the
-        other: with tx retry it waits up to 4 ms for room, as a kernel driver stops
+        other: with tx retry it waits up to 50 ms for room, as a kernel driver stops
         its queue, and drops only then.  In the "out" direction these are frames
         the backend did not take from the virtio TX ring in that time.
   be_dropped
