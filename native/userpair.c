@@ -430,8 +430,6 @@ static int run(struct tn_upair_io *io)
             add(io, &b, 0);
             if (rc > 0)
                 call(io, tx, io->tx_call);
-            if (tn_ttable_should_signal(io->table->tcp))
-                signal_fd(io->slow_fd);  /* TCP data went natively: Python acknowledges it */
             if (io->slow->n > 0) {
                 held = 1;
                 __atomic_store_n(&io->handed, 1, __ATOMIC_RELEASE);
@@ -443,11 +441,13 @@ static int run(struct tn_upair_io *io)
             int rc = serve_rx(io, &rx_full, &rx_idle);
             if (rc < 0)
                 return fail(io, 1, rc);
-            if (tn_ttable_should_signal(io->table->tcp))
-                signal_fd(io->slow_fd);  /* host data Python has to send */
             if (rc > 0)
                 call(io, rx, io->rx_call);
         }
+        /* connections either batch listed for Python: guest data sent
+         * natively (Python acknowledges it), host data it has to send */
+        if (tn_ttable_should_signal(io->table->tcp))
+            signal_fd(io->slow_fd);
         uint64_t now = __atomic_load_n(&io->table->sock_errors, __ATOMIC_RELAXED);
         if (now != errors) {  /* some flow's socket has an error for Python to read */
             errors = now;

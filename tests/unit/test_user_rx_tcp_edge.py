@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.unit.test_udp_fastpath import GUEST4, GUEST_MAC, OUR_MAC, PEER4, Rig
+from trionet.backends.user.config import parse_mac
 from trionet.backends.user.fastpath import Outbox
 from trionet.backends.user.tcp import Template
 from trionet.native import ffi, lib
@@ -59,8 +60,8 @@ def _connection(rig: Rig) -> Conn:
     listener.close()
     ours.setblocking(False)
     tmpl = Template(
-        bytes.fromhex(GUEST_MAC.replace(":", "")), bytes.fromhex(OUR_MAC.replace(":", "")),
-        ipaddress.ip_address(PEER4), ipaddress.ip_address(GUEST4), 80, 40000,
+        parse_mac(GUEST_MAC), parse_mac(OUR_MAC), ipaddress.ip_address(PEER4),
+        ipaddress.ip_address(GUEST4), 80, 40000,
     ).header()  # fmt: skip
     native = lib.tn_tcpc_new(ours.fileno(), tmpl, len(tmpl), UNA, 0)
     assert native != ffi.NULL

@@ -270,8 +270,11 @@ class TcpFlows:
         self._guard(flow, lambda now: flow.conn.on_segment(seg, now))
 
     def take_fast(self) -> None:
-        """Connections the native TX path sent guest data for: they owe the
-        guest an ACK (``_guard`` brings ``rcv_nxt`` up to date)."""
+        """Connections the native paths listed for Python: the TX path sent
+        guest data for them (they owe the guest an ACK; ``_guard`` brings
+        ``rcv_nxt`` up to date), or host data arrived that C left to Python
+        (``tn_tcp_ready``: the end of the stream, a full outbox, a moved pair,
+        a retransmission timer to arm)."""
         while n := int(lib.tn_ttable_take(self.table, self.fast_took, FAST_TAKE)):
             for i in range(n):
                 flow = self.by_native.get(_addr(self.fast_took[i]))
