@@ -250,14 +250,35 @@ uint32_t tn_uout_move(struct tn_uoutq *from, struct tn_uoutq *to)
     }
 }
 
+/* The outbox's entries after its head that continue the head entry's bytes
+ * on its connection (q locked): n in all, at most max. */
+static uint32_t entry_run(const struct tn_uoutq *q, uint32_t hdr_len, uint32_t max,
+                          struct tn_tcp_entry **es)
+{
+    uint32_t n = 1;
+    es[0] = (struct tn_tcp_entry *)q->frames[q->head];
+    while (n < max && n < q->n) {
+        uint32_t k = (q->head + n) % TN_UOUT_FRAMES, len = q->len[k];
+        struct tn_tcp_entry *e = (struct tn_tcp_entry *)q->frames[k], *p = es[n - 1];
+        if (!(len & TN_UOUT_LAZY) || (len & ~TN_UOUT_LAZY) > TN_MAX_FRAME - hdr_len ||
+            !tn_tcp_entry_follows(e, p))
+            break;
+        es[n++] = e;
+    }
+    return n;
+}
+
 int tn_uout_drain(struct tn_uoutq *q, struct tn_vq *vq, const struct tn_mem *m, int mrg,
                   uint32_t hdr_len, int data_valid, uint32_t max, struct tn_scratch *s,
                   struct tn_batch *b)
 {
     struct tn_batch one;
+    struct tn_tcp_entry *es[TN_TCP_LAY_BATCH];
     int laid = 0;
     memset(b, 0, sizeof(*b));
-    for (;;) {  /* the mutex is held per frame, so a put waits for one copy at most */
+    /* The mutex is held per frame, or per run of one connection's entries
+     * laid with one peek: a put waits for one batch at most. */
+    for (;;) {
         pthread_mutex_lock(qlock(q));
         unwake(q);
         if (q->n == 0) {
@@ -270,15 +291,15 @@ int tn_uout_drain(struct tn_uoutq *q, struct tn_vq *vq, const struct tn_mem *m, 
             break;
         }
         uint8_t *buf = q->frames[q->head];
-        uint32_t len = q->len[q->head], flen = 0;
+        uint32_t len = q->len[q->head], taken = 1;
         int rc = 0, drop = hdr_len > HEADROOM || (len & ~TN_UOUT_LAZY) > TN_MAX_FRAME - hdr_len;
-        int stale = 0;
+        memset(&one, 0, sizeof(one));
         if (!drop && (len & TN_UOUT_LAZY)) {  /* TCP data: peeked from its socket */
-            rc = tn_tcp_entry_lay((struct tn_tcp_entry *)buf, vq, m, mrg, hdr_len, data_valid, s,
-                                  &flen);
-            stale = rc == 2;
-            one.packets = rc == 1;
-            one.bytes = flen;
+            uint32_t left = max - (uint32_t)laid, n, got;
+            n = entry_run(q, hdr_len, left < TN_TCP_LAY_BATCH ? left : TN_TCP_LAY_BATCH, es);
+            rc = tn_tcp_entries_lay(es, n, vq, m, mrg, hdr_len, data_valid, s, &got, &one.bytes);
+            taken = rc > 0 ? (uint32_t)rc : 1;
+            one.packets = got;
         } else if (!drop) {
             uint8_t *hdr = buf + HEADROOM - hdr_len;
             memset(hdr, 0, hdr_len);
@@ -300,22 +321,29 @@ int tn_uout_drain(struct tn_uoutq *q, struct tn_vq *vq, const struct tn_mem *m, 
                 break;
             }
         }
-        q->frames[q->head] = NULL;
-        q->head = (q->head + 1) % TN_UOUT_FRAMES;
-        q->n--;
+        uint8_t *gone[TN_TCP_LAY_BATCH];
+        uint32_t glen[TN_TCP_LAY_BATCH];
+        for (uint32_t i = 0; i < taken; i++) {
+            gone[i] = q->frames[q->head];
+            glen[i] = q->len[q->head];
+            q->frames[q->head] = NULL;
+            q->head = (q->head + 1) % TN_UOUT_FRAMES;
+            q->n--;
+        }
         if (drop)
             q->oversize++;
         pthread_mutex_unlock(qlock(q));
-        release(buf, len);
+        for (uint32_t i = 0; i < taken; i++)
+            release(gone[i], glen[i]);
         if (drop) {
             b->drops_no_buffer++;
             continue;
         }
-        if (stale)
-            continue;  /* acknowledged meanwhile, or its connection closed: counted there */
+        /* entries dropped (acknowledged meanwhile, or their connection
+         * closed) are counted where they were dropped */
         b->packets += one.packets;
         b->bytes += one.bytes;
-        laid++;
+        laid += (int)one.packets;
     }
     return laid;
 }

@@ -39,6 +39,7 @@ void tn_tcpc_stats_get(struct tn_tcpc_stats *out)
     out->trimmed = __atomic_load_n(&stats.trimmed, __ATOMIC_RELAXED);
     out->short_peeks = __atomic_load_n(&stats.short_peeks, __ATOMIC_RELAXED);
     out->peek_errors = __atomic_load_n(&stats.peek_errors, __ATOMIC_RELAXED);
+    out->peeks = __atomic_load_n(&stats.peeks, __ATOMIC_RELAXED);
 }
 
 /* ---- the connection ------------------------------------------------------------ */
@@ -217,6 +218,11 @@ void tn_tcp_entry_free(struct tn_tcp_entry *e)
     free(e);
 }
 
+int tn_tcp_entry_follows(const struct tn_tcp_entry *e, const struct tn_tcp_entry *prev)
+{
+    return e->c == prev->c && e->seq == prev->seq + prev->len;
+}
+
 /* Where the entry's bytes start now (c locked): 0 and *len narrowed when its
  * head was acknowledged meanwhile; -1 when all of it was, or c is closed. */
 static int64_t entry_skip(struct tn_tcp_entry *e, uint32_t *seq, uint32_t *len)
@@ -277,57 +283,126 @@ void tn_tcp_headers(const struct tn_tcp_entry *e, uint8_t *hb, uint32_t tl, uint
     memcpy(th + 16, &ck, 2);
 }
 
-int tn_tcp_entry_lay(struct tn_tcp_entry *e, struct tn_vq *vq, const struct tn_mem *m, int mrg,
-                     uint32_t hdr_len, int data_valid, struct tn_scratch *s, uint32_t *flen)
+/* Where each frame of a batch lies in the scratch: its chains and iovecs,
+ * and the window of the peek's iovecs that holds its payload. */
+struct lay_frame {
+    uint32_t chain0, nchains, iov0, niov, pl0, npl, len;
+};
+
+/* The headers (from c's template) and the padding of a frame whose len
+ * payload bytes are in place; returns the frame's length. */
+static uint32_t lay_headers(const struct tn_tcp_entry *e, struct tn_scratch *s,
+                            const struct lay_frame *f, const struct iovec *pl, uint32_t hdr_len,
+                            int data_valid, uint32_t seq, uint32_t len)
 {
-    struct tn_tcpc *c = e->c;
-    uint32_t tl = c->tmpl_len, niov, seq, len;
-    uint64_t room;
-    if (hdr_len > VNET_HDR_MAX)
-        return 2;
-    uint32_t frame_max = tl + e->len > MIN_FRAME ? tl + e->len : MIN_FRAME;
-    int n = tn_rx_gather(vq, m, mrg, hdr_len + frame_max, s, &niov, &room);
-    if (n <= 0)
-        return n;
-    struct iovec piov[MAX_IOV];
-    pthread_mutex_lock(&c->lock);
-    int64_t skip = entry_skip(e, &seq, &len);
-    ssize_t got = -1;
-    if (skip >= 0) {
-        uint32_t np = ns_iov_window(s->iov, niov, hdr_len + tl, len, piov, MAX_IOV);
-        got = peek_at(c, (uint32_t)skip, piov, np);
-    }
-    pthread_mutex_unlock(&c->lock);
-    if (got <= 0) {
-        tn_vq_rewind(vq, (uint16_t)n);
-        count(skip < 0 ? &stats.stale : &stats.peek_errors);
-        return 2;
-    }
-    if ((uint32_t)got < len) {
-        count(&stats.short_peeks);
-        len = (uint32_t)got;
-    }
+    const struct tn_tcpc *c = e->c;
+    uint32_t tl = c->tmpl_len;
+    const struct iovec *iov = s->iov + f->iov0;
     uint8_t hb[VNET_HDR_MAX + TN_TCPC_TMPL_MAX];
     memset(hb, 0, hdr_len);
     if (data_valid && hdr_len > 0)
         hb[0] = VNET_F_DATA_VALID;
     if (hdr_len >= 12)
-        hb[10] = 1;  /* num_buffers: tn_rx_finish sets it for merged buffers */
+        hb[10] = 1;  /* num_buffers: tn_rx_finish_at sets it for merged buffers */
     memcpy(hb + hdr_len, c->tmpl, tl);
-    uint32_t np = ns_iov_window(s->iov, niov, hdr_len + tl, len, piov, MAX_IOV);
-    tn_tcp_headers(e, hb + hdr_len, tl, seq, len, ns_sum_iov(piov, np, len, 0));
-    ns_iov_put(s->iov, niov, 0, hb, hdr_len + tl);
+    tn_tcp_headers(e, hb + hdr_len, tl, seq, len, ns_sum_iov(pl + f->pl0, f->npl, len, 0));
+    ns_iov_put(iov, f->niov, 0, hb, hdr_len + tl);
     uint32_t frame = tl + len;
     if (frame < MIN_FRAME) {
         static const uint8_t zeros[MIN_FRAME];
-        ns_iov_put(s->iov, niov, hdr_len + frame, zeros, MIN_FRAME - frame);
+        ns_iov_put(iov, f->niov, hdr_len + frame, zeros, MIN_FRAME - frame);
         frame = MIN_FRAME;
     }
-    tn_rx_finish(vq, n, hdr_len + frame, hdr_len, s, niov);
+    return frame;
+}
+
+static void rewind_frames(struct tn_vq *vq, const struct lay_frame *f, uint32_t from, uint32_t to)
+{
+    uint32_t chains = 0;
+    for (uint32_t i = from; i < to; i++)
+        chains += f[i].nchains;
+    tn_vq_rewind(vq, (uint16_t)chains);
+}
+
+int tn_tcp_entries_lay(struct tn_tcp_entry *const *es, uint32_t n, struct tn_vq *vq,
+                       const struct tn_mem *m, int mrg, uint32_t hdr_len, int data_valid,
+                       struct tn_scratch *s, uint32_t *laid, uint64_t *bytes)
+{
+    struct tn_tcpc *c = es[0]->c;
+    uint32_t tl = c->tmpl_len, chain = 0, iov = 0, g = 0, seq, len0;
+    struct lay_frame f[TN_TCP_LAY_BATCH];
+    *laid = 0;
+    *bytes = 0;
+    if (hdr_len > VNET_HDR_MAX)
+        return 1;
+    if (n > TN_TCP_LAY_BATCH)
+        n = TN_TCP_LAY_BATCH;
+    /* the chains of every frame first: the peek fills all of them */
+    for (; g < n; g++) {
+        uint32_t frame_max = tl + es[g]->len > MIN_FRAME ? tl + es[g]->len : MIN_FRAME;
+        uint32_t niov;
+        uint64_t room;
+        if (g > 0 && (chain > 256 - 16 || iov > TN_MAX_CHAIN_IOV - 64))
+            break;  /* the scratch's room: the rest waits for the next batch */
+        int r = tn_rx_gather_at(vq, m, mrg, hdr_len + frame_max, s, chain, iov, &niov, &room);
+        if (r < 0) {
+            rewind_frames(vq, f, 0, g);
+            return r;
+        }
+        if (r == 0)
+            break;
+        f[g] = (struct lay_frame){chain, (uint32_t)r, iov, niov, 0, 0, es[g]->len};
+        chain += (uint32_t)r;
+        iov += niov;
+    }
+    if (g == 0)
+        return 0;
+    struct iovec pl[MAX_IOV];
+    pthread_mutex_lock(&c->lock);
+    int64_t skip = entry_skip(es[0], &seq, &len0);
+    ssize_t got = -1;
+    if (skip >= 0) {
+        if (len0 < es[0]->len) {  /* trimmed: it alone, its unused chains then the last ones */
+            rewind_frames(vq, f, 1, g);
+            g = 1;
+        }
+        f[0].len = len0;
+        uint32_t npl = 0;
+        for (uint32_t i = 0; i < g; i++) {
+            f[i].pl0 = npl;
+            f[i].npl = ns_iov_window(s->iov + f[i].iov0, f[i].niov, hdr_len + tl, f[i].len,
+                                     pl + npl, MAX_IOV - npl);
+            npl += f[i].npl;
+        }
+        got = peek_at(c, (uint32_t)skip, pl, npl);
+        if (got > 0)
+            count(&stats.peeks);
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (got <= 0) {
+        rewind_frames(vq, f, 0, g);
+        count(skip < 0 ? &stats.stale : &stats.peek_errors);
+        return 1;  /* the first entry is dropped; the others are tried again */
+    }
+    uint32_t i = 0;
+    for (uint32_t at = 0; i < g && at < (uint32_t)got; i++) {
+        uint32_t len = f[i].len;
+        if ((uint32_t)got - at < len) {
+            count(&stats.short_peeks);
+            len = (uint32_t)got - at;
+        }
+        uint32_t frame = lay_headers(es[i], s, &f[i], pl, hdr_len, data_valid,
+                                     i == 0 ? seq : es[i]->seq, len);
+        tn_rx_finish_at(vq, (int)f[i].nchains, hdr_len + frame, hdr_len, s, f[i].chain0,
+                        f[i].iov0, f[i].niov);
+        count(&stats.laid);
+        *bytes += frame;
+        at += len;
+    }
+    rewind_frames(vq, f, i, g);  /* the peek came short: those had no bytes */
     tn_vq_publish(vq);
-    count(&stats.laid);
-    *flen = frame;
-    return 1;
+    *laid = i;
+    return (int)i;
 }
 
 int tn_tcp_entry_flat(struct tn_tcp_entry *e, uint8_t *buf, uint32_t cap)

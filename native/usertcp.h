@@ -33,6 +33,7 @@ struct tn_tcpc_stats {
     uint64_t trimmed;       /* entries partly acknowledged meanwhile: the rest was sent */
     uint64_t short_peeks;   /* fewer bytes in the queue than the entry said: sent shorter */
     uint64_t peek_errors;   /* the peek failed (the connection was reset): entry dropped */
+    uint64_t peeks;         /* peeks that laid entries: laid / peeks is entries per system call */
 };
 
 /* A connection's native part for socket fd (not owned): tmpl is its
@@ -186,11 +187,19 @@ struct tn_tcp_entry;
 struct tn_tcp_entry *tn_tcp_entry_new(struct tn_tcpc *c, uint32_t seq, uint32_t ack,
                                       uint16_t window, uint8_t flags, uint32_t len);
 void tn_tcp_entry_free(struct tn_tcp_entry *e);
-/* Lay the entry into the RX ring and publish it: 1 laid (*flen: the frame's
- * length), 0 no room (nothing taken), 2 dropped (stale, closed, peek error),
- * or a negative TN_E_* of the ring. */
-int tn_tcp_entry_lay(struct tn_tcp_entry *e, struct tn_vq *vq, const struct tn_mem *m, int mrg,
-                     uint32_t hdr_len, int data_valid, struct tn_scratch *s, uint32_t *flen);
+/* Lay entries es[0..n) of one connection, each continuing the previous
+ * one's bytes, into the RX ring with one peek (at most TN_TCP_LAY_BATCH;
+ * fewer when the ring or the scratch holds fewer) and publish them.  Returns
+ * how many were taken from the outbox: *laid of them laid (their frames'
+ * lengths summed in *bytes), the rest dropped (stale, closed, peek error);
+ * 0 when the first finds no room (nothing taken); or a negative TN_E_* of
+ * the ring. */
+/* 1 when e continues prev's bytes on the same connection. */
+int tn_tcp_entry_follows(const struct tn_tcp_entry *e, const struct tn_tcp_entry *prev);
+#define TN_TCP_LAY_BATCH 16
+int tn_tcp_entries_lay(struct tn_tcp_entry *const *es, uint32_t n, struct tn_vq *vq,
+                       const struct tn_mem *m, int mrg, uint32_t hdr_len, int data_valid,
+                       struct tn_scratch *s, uint32_t *laid, uint64_t *bytes);
 /* The entry as a flat frame in buf (cap bytes): its length (which may exceed
  * cap: then only cap bytes were written), or -1 when dropped. */
 int tn_tcp_entry_flat(struct tn_tcp_entry *e, uint8_t *buf, uint32_t cap);

@@ -189,6 +189,14 @@ int tn_rx_gather(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t nee
                  struct tn_scratch *s, uint32_t *niov, uint64_t *room);
 void tn_rx_finish(struct tn_vq *vq, int nchains, uint32_t len, uint32_t hdr_len,
                   struct tn_scratch *s, uint32_t niov);
+/* The same from chain0 and iov0 of s, for several frames gathered before
+ * any is finished (the chains a frame does not use must be the last ones
+ * popped: only then is rewinding them right). */
+int tn_rx_gather_at(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t need,
+                    struct tn_scratch *s, uint32_t chain0, uint32_t iov0, uint32_t *niov,
+                    uint64_t *room);
+void tn_rx_finish_at(struct tn_vq *vq, int nchains, uint32_t len, uint32_t hdr_len,
+                     struct tn_scratch *s, uint32_t chain0, uint32_t iov0, uint32_t niov);
 
 /* batched paths: each pops up to max chains, moves the data, fills the used
  * ring and publishes it once.  Returns chains completed (>= 0) or TN_E_*. */

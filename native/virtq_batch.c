@@ -52,20 +52,23 @@ static void set_num_buffers(const struct iovec *iov, uint32_t n, uint16_t value)
     }
 }
 
-/* Pop writable chains into s->iov until their room reaches need (or, without
- * MRG_RXBUF, exactly one chain).  Returns chains popped (0: not enough room,
- * everything rewound) or TN_E_*. */
-int tn_rx_gather(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t need,
-                 struct tn_scratch *s, uint32_t *niov, uint64_t *room)
+/* Pop writable chains into s->iov from iov0 (s->heads, s->caps from chain0)
+ * until their room reaches need (or, without MRG_RXBUF, exactly one chain).
+ * Returns chains popped (0: not enough room, those popped rewound) or TN_E_*. */
+int tn_rx_gather_at(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t need,
+                    struct tn_scratch *s, uint32_t chain0, uint32_t iov0, uint32_t *niov,
+                    uint64_t *room)
 {
     uint32_t nchains = 0;
     int exhausted = 0;  /* stopped because the driver had made no more available */
     *niov = 0;
     *room = 0;
+    if (chain0 >= 256 || iov0 >= TN_MAX_CHAIN_IOV)
+        return 0;  /* the scratch is full: the caller lays what it has */
     while (*room < need || nchains == 0) {
         uint32_t nread, rl, wl;
         uint16_t head;
-        if (nchains >= 256)
+        if (chain0 + nchains >= 256)
             break;
         int pending = tn_vq_pending(vq);
         if (pending < 0)
@@ -74,13 +77,14 @@ int tn_rx_gather(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t nee
             exhausted = 1;
             break;
         }
-        int rc = tn_vq_pop_iov(vq, m, DIR_WRITE, s->iov, TN_MAX_CHAIN_IOV, niov, &nread, &rl, &wl, &head);
+        int rc = tn_vq_pop_iov(vq, m, DIR_WRITE, s->iov + iov0, TN_MAX_CHAIN_IOV - iov0, niov,
+                               &nread, &rl, &wl, &head);
         if (rc < 0)
             return rc;
         if (rc == 0)
             break;
-        s->heads[nchains] = head;
-        s->caps[nchains] = wl;
+        s->heads[chain0 + nchains] = head;
+        s->caps[chain0 + nchains] = wl;
         nchains++;
         *room += wl;
         if (!mrg)
@@ -100,20 +104,33 @@ int tn_rx_gather(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t nee
     return (int)nchains;
 }
 
-/* Complete a received frame of len bytes laid into the first chains of s. */
-void tn_rx_finish(struct tn_vq *vq, int nchains, uint32_t len, uint32_t hdr_len,
-                  struct tn_scratch *s, uint32_t niov)
+int tn_rx_gather(struct tn_vq *vq, const struct tn_mem *m, int mrg, uint32_t need,
+                 struct tn_scratch *s, uint32_t *niov, uint64_t *room)
+{
+    return tn_rx_gather_at(vq, m, mrg, need, s, 0, 0, niov, room);
+}
+
+/* Complete a received frame of len bytes laid into the chains of s from
+ * chain0 (its iovecs from iov0). */
+void tn_rx_finish_at(struct tn_vq *vq, int nchains, uint32_t len, uint32_t hdr_len,
+                     struct tn_scratch *s, uint32_t chain0, uint32_t iov0, uint32_t niov)
 {
     uint32_t left = len, used = 0;
     while (used < (uint32_t)nchains && (left > 0 || used == 0)) {
-        uint32_t take = left < s->caps[used] ? left : s->caps[used];
-        tn_vq_push(vq, s->heads[used], take);
+        uint32_t take = left < s->caps[chain0 + used] ? left : s->caps[chain0 + used];
+        tn_vq_push(vq, s->heads[chain0 + used], take);
         left -= take;
         used++;
     }
     if (hdr_len >= 12)
-        set_num_buffers(s->iov, niov, (uint16_t)used);
+        set_num_buffers(s->iov + iov0, niov, (uint16_t)used);
     tn_vq_rewind(vq, (uint16_t)(nchains - (int)used));
+}
+
+void tn_rx_finish(struct tn_vq *vq, int nchains, uint32_t len, uint32_t hdr_len,
+                  struct tn_scratch *s, uint32_t niov)
+{
+    tn_rx_finish_at(vq, nchains, len, hdr_len, s, 0, 0, niov);
 }
 
 /* Lay one frame into the RX ring without publishing (callers publish once). */

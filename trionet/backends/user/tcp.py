@@ -649,7 +649,7 @@ class TcpFlows:
         lib.tn_tcpc_stats_get(native)
         data = {
             f"data_{name}": int(getattr(native, name))
-            for name in ("laid", "stale", "trimmed", "short_peeks", "peek_errors")
+            for name in ("laid", "peeks", "stale", "trimmed", "short_peeks", "peek_errors")
         }
         data["native_tx_frames"] = int(lib.tn_ttable_fast_frames(self.table))
         data["native_tx_bytes"] = int(lib.tn_ttable_fast_bytes(self.table))
