@@ -20,6 +20,7 @@ from tests.fakes.driver import DriverQueue, GuestRam
 from trionet.net import features as F
 from trionet.vhost_user import messages as m
 from trionet.vhost_user.constants import ProtocolFeature
+from trionet.vhost_user.replies import ReplyDecoder
 
 DEFAULT_PROTOCOL = int(
     ProtocolFeature.MQ
@@ -42,7 +43,7 @@ class Frontend:
     def __init__(self, sock: trio.socket.SocketType, ram: GuestRam) -> None:
         self.sock = sock
         self.ram = ram
-        self.replies = m.ReplyDecoder()
+        self.replies = ReplyDecoder()
         self.queues: dict[int, DriverQueue] = {}
         self.kicks: dict[int, int] = {}
         self.calls: dict[int, int] = {}

@@ -24,6 +24,7 @@ from trionet.net import features as F
 from trionet.vhost_user import messages as m
 from trionet.vhost_user.backend import OFFERED_PROTOCOL_FEATURES, BackendProtocol
 from trionet.vhost_user.constants import VHOST_VRING_F_LOG, ProtocolFeature, Request
+from trionet.vhost_user.replies import encode_reply_ack, encode_reply_payload, encode_reply_u64
 from trionet.virtq.vring import DEVICE_READS, DEVICE_WRITES, RingAddresses, Vring
 
 FEATURES = F.mask(F.VERSION_1, F.RING_INDIRECT_DESC, F.RING_EVENT_IDX, F.MRG_RXBUF)
@@ -331,8 +332,8 @@ def test_set_log_base_maps_and_replies_empty() -> None:
     proto = backend()
     f = LogFile(4096)
     reply = proto.handle(m.SetLogBase(4096, 0, os.dup(f.fd), need_reply=True))
-    assert reply == m.encode_reply_payload(Request.SET_LOG_BASE, b"")  # no extra ack
-    assert proto.handle(m.SetFeatures(DRIVER, need_reply=True)) == m.encode_reply_ack(
+    assert reply == encode_reply_payload(Request.SET_LOG_BASE, b"")  # no extra ack
+    assert proto.handle(m.SetFeatures(DRIVER, need_reply=True)) == encode_reply_ack(
         Request.SET_FEATURES, True
     )
     assert proto.memory.table.log == ffi.NULL
@@ -355,14 +356,14 @@ def test_log_that_does_not_fit_its_fd_is_refused(size: int, offset: int, file_si
     fd = os.dup(f.fd)
     with pytest.raises(RemoteProtocolError) as err:
         proto.handle(m.SetLogBase(size, offset, fd))
-    assert err.value.reply == m.encode_reply_u64(Request.SET_LOG_BASE, 1)
+    assert err.value.reply == encode_reply_u64(Request.SET_LOG_BASE, 1)
     assert not err.value.fatal
     with pytest.raises(OSError):
         os.fstat(fd)  # closed, not leaked
     # and without a log, LOG_ALL is refused (NACK) instead of logging nowhere
     with pytest.raises(RemoteProtocolError) as err:
         proto.handle(m.SetFeatures(DRIVER | F.bit(F.LOG_ALL), need_reply=True))
-    assert err.value.reply == m.encode_reply_ack(Request.SET_FEATURES, False)
+    assert err.value.reply == encode_reply_ack(Request.SET_FEATURES, False)
     f.close()
 
 
@@ -377,7 +378,7 @@ def test_log_fd_must_be_a_memory_file() -> None:
 def test_set_log_fd_is_accepted_and_its_fd_closed() -> None:
     proto = backend()
     efd = os.eventfd(0)
-    assert proto.handle(m.SetLogFd(efd, need_reply=True)) == m.encode_reply_ack(
+    assert proto.handle(m.SetLogFd(efd, need_reply=True)) == encode_reply_ack(
         Request.SET_LOG_FD, True
     )
     assert proto.take_retired_fds() == [efd]

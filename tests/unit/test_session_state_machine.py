@@ -50,6 +50,7 @@ from trionet.vhost_user.constants import (
     ProtocolFeature,
     Request,
 )
+from trionet.vhost_user.replies import ReplyDecoder
 
 PAIRS = 2
 RAM = 1 << 20
@@ -358,7 +359,7 @@ async def _exchange(sock: trio.socket.SocketType, data: bytes, fds: list[int]) -
 async def _probe(sock: trio.socket.SocketType) -> str:
     """GET_QUEUE_NUM: "serving" once its reply comes (after any earlier replies),
     "closed" on EOF; a connection that does neither within 10 s is wedged."""
-    replies = m.ReplyDecoder()
+    replies = ReplyDecoder()
     try:
         await sock.send(m.encode_request(m.GetQueueNum())[0])
     except OSError:

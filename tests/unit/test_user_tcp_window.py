@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trionet.backends.user import tcp_conn as T
+from trionet.backends.user.tcp_tcb import WINDOW_RETRY
 
 ISS, IRS = 5_000, 9_000
 MSS_LIMIT = 65480  # the guest's MTU of 65520
@@ -110,7 +111,7 @@ def test_a_closed_window_reopens_without_a_socket_wakeup() -> None:
     host.free, host.outq = 100_000, 0
     wire.out.clear()
     at = conn.next_deadline()
-    assert at <= 1.0 + T.WINDOW_RETRY
+    assert at <= 1.0 + WINDOW_RETRY
     conn.on_timer(at)
     assert wire.out, "no window update"
     flags, seq, ack, _window, payload = wire.out[-1]
@@ -127,7 +128,7 @@ def test_a_closed_window_is_looked_at_again_until_it_opens() -> None:
     for _ in range(5):  # still full: no update, but the next look is armed
         wire.out.clear()
         now = conn.next_deadline()
-        assert now <= 1.0 + 10 * T.WINDOW_RETRY
+        assert now <= 1.0 + 10 * WINDOW_RETRY
         conn.on_timer(now)
         assert not wire.out
     host.free, host.outq = 80_000, 0

@@ -26,6 +26,12 @@ from trionet.vhost_user.constants import (
     ProtocolFeature,
     Request,
 )
+from trionet.vhost_user.replies import (
+    ReplyDecoder,
+    encode_reply_ack,
+    encode_reply_u64,
+    encode_reply_vring_state,
+)
 
 V = VHOST_USER_VERSION
 U64_MAX = (1 << 64) - 1
@@ -536,21 +542,21 @@ def test_messages_are_frozen() -> None:
 
 def test_reply_encoders() -> None:
     flags = V | VHOST_USER_FLAG_REPLY
-    assert m.encode_reply_u64(1, 0x1234) == m.HEADER_STRUCT.pack(1, flags, 8) + u64(0x1234)
-    assert m.encode_reply_vring_state(11, 2, 300) == (
+    assert encode_reply_u64(1, 0x1234) == m.HEADER_STRUCT.pack(1, flags, 8) + u64(0x1234)
+    assert encode_reply_vring_state(11, 2, 300) == (
         m.HEADER_STRUCT.pack(11, flags, 8) + m.VRING_STATE_STRUCT.pack(2, 300)
     )
-    assert m.encode_reply_ack(5, True)[HEADER_SIZE:] == u64(0)
-    assert m.encode_reply_ack(5, False)[HEADER_SIZE:] == u64(1)
+    assert encode_reply_ack(5, True)[HEADER_SIZE:] == u64(0)
+    assert encode_reply_ack(5, False)[HEADER_SIZE:] == u64(1)
     with pytest.raises(LocalProtocolError):
-        m.encode_reply_u64(1, -1)
+        encode_reply_u64(1, -1)
 
 
 def test_reply_decoder_round_trip_split_everywhere() -> None:
     stream = (
-        m.encode_reply_u64(Request.GET_FEATURES, 1 << 30)
-        + m.encode_reply_vring_state(Request.GET_VRING_BASE, 1, 42)
-        + m.encode_reply_ack(Request.SET_MEM_TABLE, False)
+        encode_reply_u64(Request.GET_FEATURES, 1 << 30)
+        + encode_reply_vring_state(Request.GET_VRING_BASE, 1, 42)
+        + encode_reply_ack(Request.SET_MEM_TABLE, False)
     )
     flags = V | VHOST_USER_FLAG_REPLY
     want = [
@@ -559,7 +565,7 @@ def test_reply_decoder_round_trip_split_everywhere() -> None:
         (Request.SET_MEM_TABLE, flags, u64(1)),
     ]
     for cut in range(len(stream) + 1):
-        dec = m.ReplyDecoder()
+        dec = ReplyDecoder()
         got = []
         for piece in (stream[:cut], stream[cut:]):
             dec.feed(piece)
@@ -581,7 +587,7 @@ def test_reply_decoder_round_trip_split_everywhere() -> None:
     ],
 )
 def test_reply_decoder_refuses_garbage(flags: int, size: int) -> None:
-    dec = m.ReplyDecoder()
+    dec = ReplyDecoder()
     dec.feed(m.encode_header(Request.GET_FEATURES, flags, size))
     with pytest.raises(RemoteProtocolError, match="GET_FEATURES"):
         dec.next_reply()

@@ -23,6 +23,12 @@ from trionet.memory import MAX_REGIONS, GuestMemory, RegionSpec
 from trionet.net import features as F
 from trionet.vhost_user import messages as m
 from trionet.vhost_user.constants import ProtocolFeature, Request
+from trionet.vhost_user.replies import (
+    encode_reply_ack,
+    encode_reply_payload,
+    encode_reply_u64,
+    encode_reply_vring_state,
+)
 from trionet.virtq.vring import RingAddresses, Vring
 
 log = logging.getLogger(__name__)
@@ -109,9 +115,9 @@ class BackendProtocol:
             self._retire_message_fds(req)
             refusal = _REFUSALS.get(code)
             if refusal is not None:  # the VMM waits for this reply, REPLY_ACK or not
-                nack: bytes | None = m.encode_reply_payload(code, refusal)
+                nack: bytes | None = encode_reply_payload(code, refusal)
             else:
-                nack = m.encode_reply_ack(code, False) if need_ack else None
+                nack = encode_reply_ack(code, False) if need_ack else None
             raise RemoteProtocolError(
                 f"unsupported request {_request_name(code)} refused", reply=nack, fatal=False
             )
@@ -121,11 +127,11 @@ class BackendProtocol:
             if type(req) not in _CLOSES_ITS_FDS:
                 self._retire_message_fds(req)  # never stored: a refused request keeps nothing
             if need_ack and code not in _REPLIES_ITSELF:
-                exc.reply = m.encode_reply_ack(code, False)
+                exc.reply = encode_reply_ack(code, False)
                 exc.fatal = False
             raise
         if reply is None and need_ack:
-            return m.encode_reply_ack(code, True)
+            return encode_reply_ack(code, True)
         return reply
 
     # ---- helpers -------------------------------------------------------------
@@ -181,7 +187,7 @@ class BackendProtocol:
     # ---- one method per request --------------------------------------------
 
     def _get_features(self, req: m.GetFeatures) -> bytes:
-        return m.encode_reply_u64(Request.GET_FEATURES, self.offered_features)
+        return encode_reply_u64(Request.GET_FEATURES, self.offered_features)
 
     def _set_features(self, req: m.SetFeatures) -> None:
         extra = req.features & ~self.offered_features
@@ -212,7 +218,7 @@ class BackendProtocol:
         self.reset_device("RESET_DEVICE")
 
     def _get_protocol_features(self, req: m.GetProtocolFeatures) -> bytes:
-        return m.encode_reply_u64(Request.GET_PROTOCOL_FEATURES, int(OFFERED_PROTOCOL_FEATURES))
+        return encode_reply_u64(Request.GET_PROTOCOL_FEATURES, int(OFFERED_PROTOCOL_FEATURES))
 
     def _set_protocol_features(self, req: m.SetProtocolFeatures) -> None:
         extra = req.features & ~int(OFFERED_PROTOCOL_FEATURES)
@@ -226,10 +232,10 @@ class BackendProtocol:
     def _get_queue_num(self, req: m.GetQueueNum) -> bytes:
         # Queue *pairs*, as QEMU, DPDK and passt read it (cloud-hypervisor reads
         # vrings: it must be started with num_queues = 2 * pairs; see README).
-        return m.encode_reply_u64(Request.GET_QUEUE_NUM, self.max_pairs)
+        return encode_reply_u64(Request.GET_QUEUE_NUM, self.max_pairs)
 
     def _get_max_mem_slots(self, req: m.GetMaxMemSlots) -> bytes:
-        return m.encode_reply_u64(Request.GET_MAX_MEM_SLOTS, MAX_REGIONS)
+        return encode_reply_u64(Request.GET_MAX_MEM_SLOTS, MAX_REGIONS)
 
     def _set_mem_table(self, req: m.SetMemTable) -> None:
         specs = [_spec(r) for r in req.regions]
@@ -269,10 +275,10 @@ class BackendProtocol:
         except RemoteProtocolError as exc:
             # the VMM waits for this reply whatever REPLY_ACK says: a u64 1 in
             # place of the empty success reply says "refused"
-            exc.reply = m.encode_reply_u64(Request.SET_LOG_BASE, 1)
+            exc.reply = encode_reply_u64(Request.SET_LOG_BASE, 1)
             exc.fatal = False
             raise
-        return m.encode_reply_payload(Request.SET_LOG_BASE, b"")
+        return encode_reply_payload(Request.SET_LOG_BASE, b"")
 
     def _set_log_fd(self, req: m.SetLogFd) -> None:
         self._retire(req.fd)  # nothing to signal: trionet marks the log synchronously
@@ -289,7 +295,7 @@ class BackendProtocol:
         vr.kick_nofd = False
         if not any(v.started for v in self.vrings):
             self.events.resets.append("GET_VRING_BASE on every ring")
-        return m.encode_reply_vring_state(Request.GET_VRING_BASE, req.index, base)
+        return encode_reply_vring_state(Request.GET_VRING_BASE, req.index, base)
 
     def _set_vring_kick(self, req: m.SetVringKick) -> None:
         vr = self._vring_for_fd(req)
@@ -345,7 +351,7 @@ class BackendProtocol:
             self.events.driver_ok = True
 
     def _get_status(self, req: m.GetStatus) -> bytes:
-        return m.encode_reply_u64(Request.GET_STATUS, self.status)
+        return encode_reply_u64(Request.GET_STATUS, self.status)
 
 
 def is_eventfd(fd: int) -> bool:

@@ -9,9 +9,9 @@ NEED_REPLY flag (REPLY_ACK).
 Requests trionet does not implement, and unknown request codes, decode into
 ``Unsupported`` so the session can NACK them and close their fds.
 
-This module also holds the other direction: the replies the back-end sends
-(``encode_reply_*``) and, for scripted front-ends in tests and tools,
-``encode_request`` and ``ReplyDecoder``. No I/O happens here.
+This module also encodes requests (``encode_request``, for scripted
+front-ends in tests and tools); the replies, both ways, are in ``replies.py``.
+No I/O happens here.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
-from ..errors import LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError
 from .constants import (
-    HEADER_SIZE,
     MAX_FDS_PER_MESSAGE,
     MAX_MEM_REGIONS_TABLE,
     MAX_PAYLOAD_SIZE,
     STRUCT_PREFIX,
     VHOST_USER_FLAG_NEED_REPLY,
-    VHOST_USER_FLAG_REPLY,
     VHOST_USER_VERSION,
     VHOST_VRING_F_LOG,
     VIRTQUEUE_MAX_SIZE,
@@ -66,7 +64,8 @@ def request_name(code: int) -> str:
         return f"request {code}"
 
 
-def _check_uint(owner: str, name: str, value: object, bits: int) -> None:
+def check_uint(owner: str, name: str, value: object, bits: int) -> None:
+    """Raise ``LocalProtocolError`` unless ``value`` is an int that fits ``bits`` unsigned."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < (1 << bits):
         raise LocalProtocolError(f"{owner}.{name} must be a u{bits}, got {value!r}")
 
@@ -99,7 +98,7 @@ class MemRegion:
 
     def __post_init__(self) -> None:
         for name in ("guest_addr", "size", "user_addr", "mmap_offset"):
-            _check_uint("MemRegion", name, getattr(self, name), _U64_BITS)
+            check_uint("MemRegion", name, getattr(self, name), _U64_BITS)
         if self.size == 0:
             raise LocalProtocolError("MemRegion.size must not be 0")
         for name in ("guest_addr", "user_addr", "mmap_offset"):
@@ -140,7 +139,7 @@ class _Request:
         _check_bool(type(self).__name__, "need_reply", self.need_reply)
 
     def _check_u(self, name: str, bits: int) -> None:
-        _check_uint(type(self).__name__, name, getattr(self, name), bits)
+        check_uint(type(self).__name__, name, getattr(self, name), bits)
 
 
 class _NoPayload(_Request):
@@ -405,7 +404,7 @@ class _VringFd(_Request):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        _check_uint(name, "index", self.index, _U8_BITS)
+        check_uint(name, "index", self.index, _U8_BITS)
         if self.fd is not None:
             _check_fd(name, "fd", self.fd)
         self._check_need_reply()
@@ -586,7 +585,7 @@ class Unsupported:
     need_reply: bool = False
 
     def __post_init__(self) -> None:
-        _check_uint("Unsupported", "request", self.request, _U32_BITS)
+        check_uint("Unsupported", "request", self.request, _U32_BITS)
         if not isinstance(self.payload, bytes) or len(self.payload) > MAX_PAYLOAD_SIZE:
             raise LocalProtocolError(
                 f"Unsupported.payload must be bytes of at most {MAX_PAYLOAD_SIZE}"
@@ -650,90 +649,3 @@ def encode_request(req: RequestMessage) -> tuple[bytes, list[int]]:
     payload = req.payload if isinstance(req, Unsupported) else req.payload()
     flags = VHOST_USER_VERSION | (VHOST_USER_FLAG_NEED_REPLY if req.need_reply else 0)
     return encode_header(req.request_code, flags, len(payload)) + payload, list(req.attached_fds())
-
-
-def _encode_reply(request: int, payload: bytes) -> bytes:
-    _check_uint("reply", "request", request, _U32_BITS)
-    return encode_header(request, VHOST_USER_VERSION | VHOST_USER_FLAG_REPLY, len(payload)) + (
-        payload
-    )
-
-
-def encode_reply_u64(request: int, value: int) -> bytes:
-    """A reply carrying one u64 (GET_FEATURES, GET_QUEUE_NUM, GET_STATUS, ...)."""
-    _check_uint("reply", "value", value, _U64_BITS)
-    return _encode_reply(request, U64_STRUCT.pack(value))
-
-
-def encode_reply_vring_state(request: int, index: int, num: int) -> bytes:
-    """A reply carrying a vring state (GET_VRING_BASE)."""
-    _check_uint("reply", "index", index, _U32_BITS)
-    _check_uint("reply", "num", num, _U32_BITS)
-    return _encode_reply(request, VRING_STATE_STRUCT.pack(index, num))
-
-
-def encode_reply_payload(request: int, payload: bytes) -> bytes:
-    """A reply carrying ``payload`` as is (GET_CONFIG's failure: empty)."""
-    if not isinstance(payload, bytes) or len(payload) > MAX_PAYLOAD_SIZE:
-        raise LocalProtocolError(f"reply payload must be bytes of at most {MAX_PAYLOAD_SIZE}")
-    return _encode_reply(request, payload)
-
-
-def encode_reply_ack(request: int, ok: bool) -> bytes:
-    """A REPLY_ACK answer: u64 0 for success, 1 for failure."""
-    return encode_reply_u64(request, 0 if ok else 1)
-
-
-# --- front-end side: replies coming back -------------------------------------------
-
-
-class ReplyDecoder:
-    """Splits the back-end's byte stream into replies (for scripted front-ends).
-
-    ``feed`` bytes as they arrive; ``next_reply`` returns ``(request, flags,
-    payload)`` once a whole reply is buffered, else None. A reply must have
-    flags exactly VERSION | REPLY (as QEMU insists) and a payload of at most
-    ``MAX_PAYLOAD_SIZE``; anything else raises ``RemoteProtocolError``, after
-    which every call raises ``LocalProtocolError``.
-    """
-
-    __slots__ = ("_buf", "_error")
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._error: str | None = None
-
-    def _check_state(self) -> None:
-        if self._error is not None:
-            raise LocalProtocolError(f"ReplyDecoder is in ERROR state after: {self._error}")
-
-    def feed(self, data: bytes) -> None:
-        self._check_state()
-        self._buf += data
-
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes buffered that are not yet a whole reply."""
-        return len(self._buf)
-
-    def next_reply(self) -> tuple[int, int, bytes] | None:
-        self._check_state()
-        if len(self._buf) < HEADER_SIZE:
-            return None
-        request, flags, size = HEADER_STRUCT.unpack_from(self._buf)
-        expected = VHOST_USER_VERSION | VHOST_USER_FLAG_REPLY
-        problem = None
-        if flags != expected:
-            problem = f"flags {flags:#x}, expected {expected:#x}"
-        elif size > MAX_PAYLOAD_SIZE:
-            problem = f"payload size {size} exceeds {MAX_PAYLOAD_SIZE}"
-        if problem is not None:
-            self._error = f"bad reply to {request_name(request)}: {problem}"
-            self._buf.clear()
-            raise RemoteProtocolError(self._error)
-        end = HEADER_SIZE + size
-        if len(self._buf) < end:
-            return None
-        payload = bytes(self._buf[HEADER_SIZE:end])
-        del self._buf[:end]
-        return request, flags, payload

@@ -121,7 +121,7 @@ class Template:
 
 
 class HostSocket:
-    """A connection's host socket as ``tcp_conn.Host``.  Its receive queue
+    """A connection's host socket as ``tcp_states.Host``.  Its receive queue
     is shared with the native side (``struct tn_tcpc``), which peeks the
     guest's data from it: how much is there, and dropping what the guest
     acknowledged, go through the native part too.  Free send space from
