@@ -190,7 +190,7 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
 {
     struct iovec iov[TN_MAX_CHAIN_IOV];
     struct tx_run run = {.fd = -1};
-    uint8_t h[VNET_HDR_MAX + HDRS_MAX];
+    uint8_t h[VNET_HDR_MAX + TX_HDRS_MAX];
     uint64_t now = tn_flow_now();
     int done = 0;
     memset(b, 0, sizeof(*b));
@@ -232,7 +232,7 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
             continue;
         }
         uint32_t flen = rl - hdr_len;
-        uint32_t want = hdr_len + HDRS_MAX < sizeof(h) ? hdr_len + HDRS_MAX : sizeof(h);
+        uint32_t want = hdr_len + TX_HDRS_MAX < sizeof(h) ? hdr_len + TX_HDRS_MAX : sizeof(h);
         uint32_t got = tn_iov_to_buf(ch, nch, h, want < rl ? want : rl);
         uint8_t flags = hdr_len >= 1 ? h[0] : 0, gso = hdr_len >= 2 ? h[1] : 0;
         struct udp_frame u;
@@ -241,12 +241,13 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
             slot = find(t, u.v6, u.src, u.dst, u.sport, u.dport);
         int joined = 0;  /* TCP data of the fast path: into the run, sent when it ends */
         if (slot < 0 && gso == 0 && t->tcp != NULL) {
-            joined = tn_tcp_tx_join(t->tcp, trun, acks, ch, nch, hdr_len, flen, flags, pair, head);
+            joined = tn_tcp_tx_join(t->tcp, trun, acks, ch, nch, h, got, hdr_len, flen, flags, pair,
+                                    head);
             if (joined == 2) {
                 if (tcp_end(t, trun, vq, acks, b, &done, 1))
                     break;
-                joined = tn_tcp_tx_join(t->tcp, trun, acks, ch, nch, hdr_len, flen, flags, pair,
-                                        head);
+                joined = tn_tcp_tx_join(t->tcp, trun, acks, ch, nch, h, got, hdr_len, flen, flags,
+                                        pair, head);
             }
         }
         if (joined == 1 || joined == 3) {  /* 3: a guest ACK, done with */

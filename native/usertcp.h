@@ -224,14 +224,16 @@ struct tn_tcp_run {
     struct iovec pl[TN_TCP_RUN_IOV];
 };
 /* For tn_user_tx: the frame (flen bytes after the virtio-net header; ch: the
- * chain with that head) is 1 taken into the run (the chain is the run's
- * now), 0 not for the fast path (the connection stays Python's for the rest
- * of the batch), 2 for the fast path but not this run: flush it and ask
- * again, 3 a guest ACK handled (the chain is done with; the connection owes
- * a push in acks). */
+ * chain with that head; h: its first got bytes, the copy tn_user_tx parsed,
+ * up to the virtio-net header and an IPv6 frame's TCP header) is 1 taken
+ * into the run (the chain is the run's now), 0 not for the fast path (the
+ * connection stays Python's for the rest of the batch), 2 for the fast path
+ * but not this run: flush it and ask again, 3 a guest ACK handled (the chain
+ * is done with; the connection owes a push in acks). */
 int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, struct tn_tcp_acks *acks,
-                   const struct iovec *ch, uint32_t nch, uint32_t hdr_len, uint32_t flen,
-                   uint8_t vnet_flags, uint8_t pair, uint16_t head);
+                   const struct iovec *ch, uint32_t nch, const uint8_t *h, uint32_t got,
+                   uint32_t hdr_len, uint32_t flen, uint8_t vnet_flags, uint8_t pair,
+                   uint16_t head);
 /* Send the run with one sendmsg: the chains of the segments the socket took
  * whole are used; returns how many of the last chains were not (the caller
  * rewinds them: the next batch hands them to Python, which holds what the

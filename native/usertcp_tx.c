@@ -96,15 +96,12 @@ static int take_ack(struct tn_ttable *t, struct tn_tcpc *c, struct tn_tcp_acks *
 }
 
 int tn_tcp_tx_join(struct tn_ttable *t, struct tn_tcp_run *run, struct tn_tcp_acks *acks,
-                   const struct iovec *ch, uint32_t nch, uint32_t hdr_len, uint32_t flen,
-                   uint8_t vnet_flags, uint8_t pair, uint16_t head)
+                   const struct iovec *ch, uint32_t nch, const uint8_t *h, uint32_t got,
+                   uint32_t hdr_len, uint32_t flen, uint8_t vnet_flags, uint8_t pair,
+                   uint16_t head)
 {
-    uint8_t h[VNET_HDR_MAX + ETH_LEN + V6_LEN + TCP_LEN];
-    if (t == NULL || hdr_len > VNET_HDR_MAX)
+    if (t == NULL || hdr_len > VNET_HDR_MAX || got < hdr_len)
         return 0;
-    uint32_t got = tn_iov_to_buf(ch, nch, h, hdr_len + ETH_LEN + V6_LEN + TCP_LEN < hdr_len + flen
-                                                 ? hdr_len + ETH_LEN + V6_LEN + TCP_LEN
-                                                 : hdr_len + flen);
     const uint8_t *f = h + hdr_len, *ip = f + ETH_LEN, *th;
     uint32_t have = got - hdr_len, l4, plen;
     int v6;

@@ -19,6 +19,7 @@
 #define V6_LEN 40
 #define UDP_LEN 8
 #define HDRS_MAX (ETH_LEN + V6_LEN + UDP_LEN)
+#define TX_HDRS_MAX (ETH_LEN + V6_LEN + 20)  /* and TCP's: tn_tcp_tx_join parses the copy TX made */
 #define INDEX_MASK (TN_UFLOW_INDEX - 1)
 
 static inline uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
