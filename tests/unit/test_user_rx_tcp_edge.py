@@ -13,7 +13,6 @@ the same epoll round.
 
 from __future__ import annotations
 
-import ipaddress
 import select
 import socket
 from collections.abc import Iterator
@@ -22,10 +21,9 @@ from typing import Any
 
 import pytest
 
+from tests.fakes.tcpnative import loopback_pair, new_tcpc
 from tests.unit.test_udp_fastpath import GUEST4, GUEST_MAC, OUR_MAC, PEER4, Rig
-from trionet.backends.user.config import parse_mac
 from trionet.backends.user.fastpath import Outbox
-from trionet.backends.user.tcp import Template
 from trionet.native import ffi, lib
 
 UNA = 1000  # the host stream's first unacknowledged byte, as the guest sees it
@@ -54,17 +52,8 @@ class Mixed:
 
 
 def _connection(rig: Rig) -> Conn:
-    listener = socket.create_server(("127.0.0.1", 0))
-    host = socket.create_connection(listener.getsockname())
-    ours, _ = listener.accept()
-    listener.close()
-    ours.setblocking(False)
-    tmpl = Template(
-        parse_mac(GUEST_MAC), parse_mac(OUR_MAC), ipaddress.ip_address(PEER4),
-        ipaddress.ip_address(GUEST4), 80, 40000,
-    ).header()  # fmt: skip
-    native = lib.tn_tcpc_new(ours.fileno(), tmpl, len(tmpl), UNA, 0)
-    assert native != ffi.NULL
+    host, ours = loopback_pair()
+    native = new_tcpc(ours, (GUEST_MAC, OUR_MAC), (PEER4, GUEST4), (80, 40000), UNA)
     st = ffi.new("struct tn_tcpc_state *")
     st.rcv_nxt, st.snd_una, st.snd_nxt, st.rcv_edge = 5000, UNA, UNA, 5000 + 65535
     st.mss, st.max_snd_wnd, st.window_field, st.our_field = 1460, 65535, 65535, 65535

@@ -12,7 +12,6 @@ drained with ``tn_uout_drain``; frames are checked with scapy.
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import select
 import socket
 import struct
@@ -28,10 +27,9 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
+from tests.fakes.tcpnative import loopback_pair, new_tcpc
 from tests.unit.test_udp_fastpath import GUEST4, GUEST6, GUEST_MAC, HDR, OUR_MAC, PEER4, PEER6, Rig
-from trionet.backends.user.config import parse_mac
 from trionet.backends.user.fastpath import Outbox
-from trionet.backends.user.tcp import Template
 from trionet.native import ffi, lib
 
 UNA = 7000  # the sequence number of the stream's first byte
@@ -104,19 +102,9 @@ class Lay:
 def lay_rig(v6: bool = False) -> Iterator[Lay]:
     rig = Rig(pairs=1)
     box = Outbox(512)
-    listener = socket.create_server(("::1" if v6 else "127.0.0.1", 0), family=(
-        socket.AF_INET6 if v6 else socket.AF_INET))  # fmt: skip
-    host = socket.create_connection(listener.getsockname()[:2])
-    ours, _ = listener.accept()
-    listener.close()
-    ours.setblocking(False)
-    guest, peer = (GUEST6, PEER6) if v6 else (GUEST4, PEER4)
-    tmpl = Template(
-        parse_mac(GUEST_MAC), parse_mac(OUR_MAC), ipaddress.ip_address(peer),
-        ipaddress.ip_address(guest), 80, 40000,
-    ).header()  # fmt: skip
-    native = lib.tn_tcpc_new(ours.fileno(), tmpl, len(tmpl), UNA, 0)
-    assert native != ffi.NULL
+    host, ours = loopback_pair(v6)
+    addrs = (PEER6, GUEST6) if v6 else (PEER4, GUEST4)
+    native = new_tcpc(ours, (GUEST_MAC, OUR_MAC), addrs, (80, 40000), UNA)
     try:
         yield Lay(rig, box, host, ours, native, v6)
     finally:

@@ -11,7 +11,6 @@ and the host peer (a socket on loopback); frames are built with scapy.
 from __future__ import annotations
 
 import ipaddress
-import socket
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -19,10 +18,9 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
+from tests.fakes.tcpnative import loopback_pair, new_tcpc
 from tests.unit.test_udp_fastpath import GUEST4, GUEST6, GUEST_MAC, OUR_MAC, PEER4, PEER6, Rig
-from trionet.backends.user.config import parse_mac
 from trionet.backends.user.fastpath import Outbox
-from trionet.backends.user.tcp import Template
 from trionet.native import ffi, lib
 
 GPORT, PPORT = 40000, 80
@@ -42,19 +40,9 @@ def test_a_batch_of_guest_segments_goes_out_with_one_sendmsg(v6: bool) -> None:
     box = Outbox(256)
     lib.tn_ttable_set_out(table, 0, box.cdata)
     rig.fast.table.tcp = table
-    family, loop = (socket.AF_INET6, "::1") if v6 else (socket.AF_INET, "127.0.0.1")
-    listener = socket.create_server((loop, 0), family=family)
-    ours = socket.create_connection(listener.getsockname()[:2])
-    host, _ = listener.accept()
-    listener.close()
-    ours.setblocking(False)
+    host, ours = loopback_pair(v6)
     guest, peer = (GUEST6, PEER6) if v6 else (GUEST4, PEER4)
-    tmpl = Template(
-        parse_mac(GUEST_MAC), parse_mac(OUR_MAC), ipaddress.ip_address(peer),
-        ipaddress.ip_address(guest), PPORT, GPORT,
-    ).header()  # fmt: skip
-    native = lib.tn_tcpc_new(ours.fileno(), tmpl, len(tmpl), SND_UNA, 0)
-    assert native != ffi.NULL
+    native = new_tcpc(ours, (GUEST_MAC, OUR_MAC), (peer, guest), (PPORT, GPORT), SND_UNA)
     try:
         ga, pa = (ipaddress.ip_address(a).packed for a in (guest, peer))
         assert lib.tn_ttable_add(table, native, v6, ga, pa, GPORT, PPORT) == 0
