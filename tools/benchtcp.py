@@ -104,11 +104,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -117,11 +115,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl
+import benchprobes as bp
 
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ("trionet", "dpdk")
@@ -135,37 +133,6 @@ PREFIX_LEN = 24
 IPERF_PORT = 5201
 OMIT_S = 1
 DEFAULT_QUEUE_SIZE = bl.VIRTIO_QUEUE_SIZE
-
-# ICMP echo from inside a namespace: argv = destination, count, per-reply timeout.
-# Exit status 0 if at least one reply came back.
-_PING = r"""
-import os, socket, struct, sys, time
-dst, count, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-def csum(b):
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    s = (s >> 16) + (s & 0xFFFF)
-    s += s >> 16
-    return ~s & 0xFFFF
-sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-ident, ok, payload = os.getpid() & 0xFFFF, 0, b"trionet benchtcp"
-for seq in range(count):
-    body = struct.pack("!HH", ident, seq) + payload
-    sock.sendto(struct.pack("!BBH", 8, 0, csum(b"\x08\x00\x00\x00" + body)) + body, (dst, 0))
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            data = sock.recv(2048)
-        except TimeoutError:
-            break
-        ihl = (data[0] & 15) * 4
-        typ, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl : ihl + 8])
-        if typ == 0 and rid == ident and rseq == seq:
-            ok += 1
-            break
-print(f"{ok}/{count} echo replies from {dst}")
-sys.exit(0 if ok else 1)
-"""
 
 
 @dataclass
@@ -186,105 +153,6 @@ class TcpRow:
     ratio: float | None = None  # trionet / dpdk receiver_gbps, on trionet rows
     busy_before: float | None = None  # all CPUs' busy fraction just before the run
     error: str | None = None
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _wait_for_listener(ns: str, port: int, proc: bl.Proc, timeout: float) -> None:
-    """Wait until something in `ns` listens on TCP `port` (the iperf3 server)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = bl.run_cmd(
-            [*bl.netns_exec(ns), "ss", "-Htln", f"sport = :{port}"], "list listening sockets"
-        ).strip()
-        if out:
-            return
-        if not proc.alive():
-            raise bl.BenchError(
-                f"{proc.name} exited with status {proc.popen.returncode}; last output:\n"
-                f"{proc.tail()}"
-            )
-        if time.monotonic() > deadline:
-            raise bl.BenchError(f"{proc.name} did not listen on port {port} within {timeout:g} s")
-        time.sleep(0.05)
-
-
-def _ping(ns: str, dst: str, count: int = 3, timeout: float = 1.0) -> str:
-    """ICMP echo from namespace `ns` to `dst`; BenchError unless a reply comes back."""
-    argv = [*bl.netns_exec(ns), sys.executable, "-c", _PING, dst, str(count), str(timeout)]
-    what = f"no ICMP echo reply from {dst} (namespace {ns}, {count} requests)"
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=count * timeout + 10.0,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise bl.BenchError(f"{what}: timed out") from exc
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    if done.returncode != 0:
-        raise bl.BenchError(f"{what}: {lines[-1] if lines else f'status {done.returncode}'}")
-    return lines[-1] if lines else ""
-
-
-def _sample_cpu(backend: bl.Proc, client: bl.Proc, wait: float) -> tuple[float, float] | None:
-    """The backend's CPU seconds once `wait` seconds of the client's run have passed."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and client.alive():
-        time.sleep(0.05)
-    return bl.cpu_seconds(backend.pid) if client.alive() else None
-
-
-def _trionet_status(path: Path) -> dict[str, Any] | None:
-    """trionet's status document from its --control-socket (None if unavailable)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5.0)
-            s.connect(str(path))
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        data = json.loads(b"".join(chunks))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _trionet_drops(path: Path) -> int | None:
-    """Frames trionet dropped, summed over its queue pairs (None if unavailable)."""
-    status = _trionet_status(path)
-    try:
-        return sum(int(p.get("drops", 0)) for p in status["pairs"]) if status else None
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None
-
-
-def _parse_iperf(proc: bl.Proc, code: int) -> tuple[float, float, int | None]:
-    """(sender bits/s, receiver bits/s, retransmits) from `iperf3 -J` output."""
-    text = "\n".join(ln.text for ln in proc.snapshot())
-    start = text.find("{")
-    try:
-        data = json.loads(text[start:]) if start >= 0 else None
-    except json.JSONDecodeError:
-        data = None
-    if not isinstance(data, dict):
-        raise bl.BenchError(f"iperf3 client (status {code}) printed no JSON:\n{proc.tail()}")
-    if data.get("error"):
-        raise bl.BenchError(f"iperf3 client: {data['error']}")
-    try:
-        sent = data["end"]["sum_sent"]
-        received = data["end"]["sum_received"]
-        retr = sent.get("retransmits")
-        return (
-            float(sent["bits_per_second"]),
-            float(received["bits_per_second"]),
-            int(retr) if retr is not None else None,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise bl.BenchError(f"iperf3 JSON lacks end.sum_sent/sum_received: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- one run
@@ -399,7 +267,7 @@ class _Run:
             bl.configure_link(self.ns_guest, GUEST_IF, f"{GUEST_ADDR}/{PREFIX_LEN}")
             # Forwarding has started once testpmd prints its first statistics.
             bl.wait_for_output(frontend, "Port statistics", timeout=30.0)
-            _ping(self.ns_guest, HOST_ADDR)
+            bp.ping(self.ns_guest, HOST_ADDR)
 
             server = self._spawn(
                 "iperf3 server",
@@ -415,7 +283,7 @@ class _Run:
                     str(IPERF_PORT),
                 ],
             )
-            _wait_for_listener(self.ns_host, IPERF_PORT, server, timeout=10.0)
+            bp.wait_for_listener(self.ns_host, IPERF_PORT, server, timeout=10.0)
             client = self._spawn(
                 "iperf3 client",
                 [
@@ -440,12 +308,12 @@ class _Run:
             )
             # The backend's CPU time (all threads, user + system, including the host
             # kernel's receive path run inside its writes) over the measured seconds.
-            cpu0 = _sample_cpu(backend, client, wait=OMIT_S + 0.5)
+            cpu0 = bp.sample_cpu(backend, client, wait=OMIT_S + 0.5)
             code = bl.wait_exit(client, timeout=self.seconds + OMIT_S + 30.0)
             cpu1 = bl.cpu_seconds(backend.pid)
             if cpu0 is not None and cpu1 is not None and cpu1[1] > cpu0[1]:
                 row.backend_cpu = (cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1])
-            sent, received, retr = _parse_iperf(client, code)
+            sent, received, retr = bp.parse_iperf(client, code)
             row.sender_gbps = sent / 1e9
             row.receiver_gbps = received / 1e9
             row.retransmits = retr
@@ -458,7 +326,7 @@ class _Run:
             taps = [bl.link_drops(self.ns_guest, GUEST_IF), bl.link_drops(self.ns_host, HOST_IF)]
             row.tap_dropped = sum(t for t in taps if t is not None)
             if self.backend == "trionet":
-                row.be_dropped = _trionet_drops(self.control)
+                row.be_dropped = bp.trionet_drops(self.control)
             bl.stop(frontend, grace=10.0)
             stats = bl.parse_forward_stats(frontend.snapshot())
             if stats.found:

@@ -1,14 +1,17 @@
-"""Fixtures shared by the user stack's TCP tests (``test_user_tcp*.py``)."""
+"""Fixtures shared by unit test modules: ``stack`` and ``listener`` for the
+user stack's TCP tests (``test_user_tcp*.py``), ``make_fd`` for the vhost-user
+codec tests (``test_vhost_user_codec*.py``)."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
 
 from tests.fakes.userguest import GUEST_MAC, make_config
+from tests.unit.vhost_user_wire import Fds
 from trionet.backends.user.stack import UserStack
 
 
@@ -33,3 +36,11 @@ async def listener() -> AsyncIterator[trio.socket.SocketType]:
     sock.listen(16)
     yield sock
     sock.close()
+
+
+@pytest.fixture
+def make_fd() -> Iterator[Fds]:
+    """Real fds (eventfds and pipe ends) for a codec test; those left open are closed."""
+    fds = Fds()
+    yield fds
+    fds.close_all()

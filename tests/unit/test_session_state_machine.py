@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tests.unit.test_vhost_user_codec import is_open
+from tests.unit.vhost_user_wire import is_open
 from tests.waits import until
 from trionet.backends.loop import LoopBackend
 from trionet.errors import LocalProtocolError, RemoteProtocolError

@@ -27,8 +27,8 @@ from scapy.utils import checksum
 
 from tests.fakes.driver import DriverQueue
 from tests.fakes.userguest import GUEST4, GUEST6, HDR, make_config, user_guest
-from tests.unit.test_udp_fastpath import GUEST4 as RIG_GUEST4
-from tests.unit.test_udp_fastpath import PEER4, Rig, readable
+from tests.fakes.userrig import GUEST4 as RIG_GUEST4
+from tests.fakes.userrig import PEER4, Rig, readable
 from trionet.backends.user.config import Forward
 
 DATA_VALID = 2

@@ -5,7 +5,7 @@ reached) is reported again.  A TCP connection's socket is edge-triggered
 (``tn_utable_tcp_watch``): an event the batch took but did not hand to
 ``tn_tcp_ready`` is never reported again, and the stream would stall.
 
-The test plays the guest driver (rings in a memfd, as in test_udp_fastpath)
+The test plays the guest driver (tests/fakes/userrig.py: rings in a memfd)
 and the host: a UDP flow with more datagrams waiting than the batch takes,
 then host data on a watched TCP connection, so the UDP event comes first in
 the same epoll round.
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.fakes.tcpnative import loopback_pair, new_tcpc
-from tests.unit.test_udp_fastpath import GUEST4, GUEST_MAC, OUR_MAC, PEER4, Rig
+from tests.fakes.userrig import GUEST4, GUEST_MAC, OUR_MAC, PEER4, Rig
 from trionet.backends.user.fastpath import Outbox
 from trionet.native import ffi, lib
 

@@ -3,7 +3,7 @@
 one connection get their buffers first, then one ``MSG_PEEK`` fills all of
 their payloads, then each gets its headers.
 
-The test plays the guest driver (rings in a memfd, as in test_udp_fastpath)
+The test plays the guest driver (tests/fakes/userrig.py: rings in a memfd)
 and the host peer (a socket on loopback).  Entries are queued directly
 (``tn_uout_put_tcp``), as the stack or the native push queue them, and
 drained with ``tn_uout_drain``; frames are checked with scapy.
@@ -28,7 +28,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from tests.fakes.tcpnative import loopback_pair, new_tcpc
-from tests.unit.test_udp_fastpath import GUEST4, GUEST6, GUEST_MAC, HDR, OUR_MAC, PEER4, PEER6, Rig
+from tests.fakes.userrig import GUEST4, GUEST6, GUEST_MAC, HDR, OUR_MAC, PEER4, PEER6, Rig
 from trionet.backends.user.fastpath import Outbox
 from trionet.native import ffi, lib
 

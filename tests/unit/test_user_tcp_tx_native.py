@@ -4,7 +4,7 @@ of a connection Python handed over go to its socket with one ``sendmsg``.
 ``tn_tcp_tx_join`` parses the header bytes ``tn_user_tx`` copied out of the
 chain, so that copy must reach an IPv6 frame's TCP header.
 
-The test plays the guest driver (rings in a memfd, as in test_udp_fastpath)
+The test plays the guest driver (tests/fakes/userrig.py: rings in a memfd)
 and the host peer (a socket on loopback); frames are built with scapy.
 """
 
@@ -19,7 +19,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from tests.fakes.tcpnative import loopback_pair, new_tcpc
-from tests.unit.test_udp_fastpath import GUEST4, GUEST6, GUEST_MAC, OUR_MAC, PEER4, PEER6, Rig
+from tests.fakes.userrig import GUEST4, GUEST6, GUEST_MAC, OUR_MAC, PEER4, PEER6, Rig
 from trionet.backends.user.fastpath import Outbox
 from trionet.native import ffi, lib
 
