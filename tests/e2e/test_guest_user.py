@@ -60,6 +60,7 @@ from tests.e2e.loopback import (
     dns_server,
     udp_echo_server,
 )
+from tests.e2e.ports import free_port
 from tests.e2e.usernet import (
     GATEWAY_V4,
     GATEWAY_V6,
@@ -164,14 +165,6 @@ def udp_flows(st: Status, guest_port: int) -> list[dict[str, Any]]:
 
 
 # ---- host helpers ---------------------------------------------------------------------
-
-
-def free_udp_port() -> int:
-    """A UDP port free on 127.0.0.1 right now (for trionet's inbound forward)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 async def host_exchange(port: int, payload: bytes, attempts: int = 3) -> bytes:
@@ -338,7 +331,7 @@ async def test_guest_on_user_backend(tmp_path: Path, threads: bool) -> None:
         user_runtime_dir(USER) as rundir,
     ):
         sock, ctl = rundir / "vhost.sock", rundir / "control.sock"
-        inbound_port = free_udp_port()
+        inbound_port = free_port(socket.SOCK_DGRAM)
         async with (
             udp_echo_server(hosts=("127.0.0.1", "::1")) as echo,
             dns_server() as dns,

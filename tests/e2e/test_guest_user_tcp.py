@@ -28,6 +28,7 @@ import trio
 
 from tests.e2e.guest import boot_guest, ensure_guest_image, prerequisite_problems, tail_lines
 from tests.e2e.hostnet import user_ids, user_runtime_dir, user_trionet_service
+from tests.e2e.ports import free_ports
 from tests.e2e.usernet import GATEWAY_V4, dhcp_lease, user_backend_args
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -36,12 +37,6 @@ USER = "nobody"
 FILE_MB = 20
 GUEST_HTTP_PORT = 8080
 TEST_TIMEOUT = 400
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _wait_listening(port: int, proc: trio.Process, what: str) -> None:
@@ -80,7 +75,7 @@ async def test_guest_tcp_on_user_backend(tmp_path: Path, threads: bool) -> None:
     blob = os.urandom(FILE_MB << 20)
     (web / "blob").write_bytes(blob)
     want_md5 = hashlib.md5(blob).hexdigest()
-    http_port, iperf_port, inbound_port = free_tcp_port(), free_tcp_port(), free_tcp_port()
+    http_port, iperf_port, inbound_port = free_ports(3)
     http = await trio.lowlevel.open_process(
         [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(web),
          str(http_port)],
