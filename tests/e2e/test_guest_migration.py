@@ -61,8 +61,9 @@ from tests.e2e.hostnet import (
     wait_for_link,
 )
 from tests.e2e.loopback import dns_server
+from tests.e2e.ports import free_ports
 from tests.e2e.qmp import QMP
-from tests.e2e.test_guest_user import free_udp_port, status, wait_status
+from tests.e2e.test_guest_user import status, wait_status
 from tests.e2e.usernet import GATEWAY_V4, dhcp_lease, user_backend_args
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -280,9 +281,8 @@ async def test_live_migration_on_user_backend(tmp_path: Path) -> None:
         ping_group_range(gid, gid),
         user_runtime_dir(USER) as rundir,
     ):
-        ports = {"a": free_udp_port(), "b": free_udp_port()}
-        while ports["b"] == ports["a"]:
-            ports["b"] = free_udp_port()
+        port_a, port_b = free_ports(2, socket.SOCK_DGRAM)
+        ports = {"a": port_a, "b": port_b}
         async with dns_server() as dns:
 
             def trionet(name: str) -> Any:
