@@ -2,7 +2,7 @@
 forwards, picked below the kernel's ephemeral range: a port picked from that
 range and let go can be taken by any outgoing connection (the user stack's
 sockets towards the host, the tests' own probes) before it is used, and a
-forward that cannot listen is only a warning in trionet's log."""
+forward that cannot listen is retried only after a second."""
 
 from __future__ import annotations
 

@@ -165,6 +165,14 @@ def _flow_families(st: dict[str, Any]) -> list[Metric]:
         for reason, n in sorted(user.get("drops_by_reason", {}).items()):
             udrops.add_metric([reason], n)
         out.append(udrops)
+        idle = GaugeMetricFamily(
+            "trionet_forwards_not_listening",
+            "inbound forward ports that could not be bound (retried with backoff)",
+            labels=["protocol"],
+        )
+        for proto, n in sorted(user.get("forwards", {}).get("not_listening", {}).items()):
+            idle.add_metric([proto], n)
+        out.append(idle)
     return out
 
 

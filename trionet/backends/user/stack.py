@@ -230,4 +230,16 @@ class UserStack:
             "ping_sockets": self.icmp.available,
             "udp": self.udp.counters(),
             "tcp": self.tcp.counters(),
+            "forwards": self.forwards_status(),
+        }
+
+    def forwards_status(self) -> dict[str, Any]:
+        """Inbound forwards' host sockets: how many listen, and which do not
+        (yet: they are retried) with their errors."""
+        groups = (self.udp.listeners, self.tcp.listeners)
+        failing = [p.as_dict() for g in groups for p in g.points if not p.listening]
+        return {
+            "listening": sum(len(g.points) - g.not_listening() for g in groups),
+            "not_listening": {g.proto: g.not_listening() for g in groups},
+            "failing": failing[:64],
         }

@@ -47,7 +47,8 @@ import trio
 
 from trionet._native import ffi, lib
 from trionet.backends.user import packets as P
-from trionet.backends.user.fwd import Unroutable, guest_view, host_target, listen_points
+from trionet.backends.user.fwd import Unroutable, guest_view, host_target
+from trionet.backends.user.listeners import Listeners, ListenPoint
 from trionet.backends.user.tcp_conn import ACK, RST, SYN, TcpConn
 from trionet.backends.user.tcp_segment import Segment, parse_segment
 from trionet.backends.user.tcp_states import State
@@ -238,7 +239,7 @@ class TcpFlows:
     def __init__(self, stack: UserStack) -> None:
         self.stack = stack
         self.flows: dict[Key, TcpFlow] = {}
-        self.listeners: list[socket.socket] = []
+        self.listeners = Listeners("tcp", self._listen_socket, self._accept)
         self.stats: Counter[str] = Counter()
         self.no_peek_off = False  # tests: the path of kernels without SO_PEEK_OFF for TCP
         # connections the native TX path may send guest data for (usertcp.h)
@@ -536,20 +537,21 @@ class TcpFlows:
 
     async def listen(self, nursery: trio.Nursery) -> None:
         """Listen on every ``-t`` port; accepted connections become flows."""
-        for family, addr, port, guest_port in listen_points(self.stack.cfg, "tcp"):
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        await self.listeners.start(self.stack.cfg, nursery)
+
+    @staticmethod
+    def _listen_socket(point: ListenPoint) -> socket.socket:
+        sock = socket.socket(point.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
+            if point.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind((addr, port))
-                sock.listen(LISTEN_BACKLOG)
-            except OSError as exc:
-                sock.close()
-                log.warning("user stack: cannot listen on tcp %s:%d: %s", addr, port, exc)
-                continue
-            self.listeners.append(sock)
-            nursery.start_soon(self._accept, sock, guest_port)
+            sock.bind((point.addr, point.port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     async def _accept(self, listener: socket.socket, guest_port: int) -> None:
         while True:
@@ -611,10 +613,7 @@ class TcpFlows:
             flow.scope.cancel()
             self._release(flow)
         self.flows.clear()
-        for sock in self.listeners:
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
-        self.listeners.clear()
+        self.listeners.close_all()
 
     def close(self) -> None:
         """Process exit (every connection released): free the native table."""

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trionet.backends.user import packets as P
-from trionet.backends.user.fwd import Target, Unroutable, guest_view, host_target, listen_points
+from trionet.backends.user.fwd import Target, Unroutable, guest_view, host_target
+from trionet.backends.user.listeners import Listeners, ListenPoint
 from trionet.native import lib
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class UdpFlows:
         self.fast = stack.fast
         self.flows: dict[Key, UdpFlow] = {}
         self.by_slot: dict[int, UdpFlow] = {}
-        self.listeners: list[socket.socket] = []
+        self.listeners = Listeners("udp", self._listen_socket, self._listener)
         self.opened = 0
         self.expired = 0
         self.icmp_errors = 0
@@ -168,17 +169,20 @@ class UdpFlows:
 
     async def listen(self, nursery: trio.Nursery) -> None:
         """Bind every ``-u`` port; each listener's new senders become flows."""
-        for family, addr, port, guest_port in listen_points(self.stack.cfg, "udp"):
-            sock = self._socket(family)
+        await self.listeners.start(self.stack.cfg, nursery)
+
+    def _listen_socket(self, point: ListenPoint) -> socket.socket:
+        try:
+            sock = self._socket(point.family)
+        except P.Drop:
+            raise OSError(errno.EMFILE, "cannot open a UDP socket") from None
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((addr, port))
-            except OSError as exc:
-                sock.close()
-                log.warning("user stack: cannot listen on udp %s:%d: %s", addr, port, exc)
-                continue
-            self.listeners.append(sock)
-            nursery.start_soon(self._listener, sock, guest_port)
+            sock.bind((point.addr, point.port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     async def _listener(self, sock: socket.socket, guest_port: int) -> None:
         while True:
@@ -286,10 +290,7 @@ class UdpFlows:
         for flow in list(self.flows.values()):
             flow.scope.cancel()
             self._close(flow)
-        for sock in self.listeners:
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
-        self.listeners.clear()
+        self.listeners.close_all()
 
     # ---- host ICMP errors → guest ------------------------------------------------
 

@@ -1,0 +1,154 @@
+"""Inbound forwards whose host port cannot be bound when the session starts:
+they are reported (status, metrics, an error in the log) and tried again with
+backoff until the port is free, then they work."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+from ipaddress import IPv4Address
+
+import pytest
+import trio
+from scapy.layers.inet import IP, TCP, UDP
+
+from tests.e2e.ports import free_port
+from tests.fakes.userguest import GUEST_MAC, make_config
+from tests.unit.test_user_tcp import Wire
+from trionet.backends.user.config import Forward
+from trionet.backends.user.listeners import RETRY_FIRST, RETRY_MAX, Listeners
+from trionet.backends.user.stack import UserStack
+from trionet.service.metrics import _flow_families
+
+LOOPBACK = IPv4Address("127.0.0.1")
+KIND = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}
+
+
+def hold(proto: str, port: int) -> socket.socket:
+    """Another process's socket on the port (no SO_REUSEADDR: ours cannot share it)."""
+    sock = socket.socket(socket.AF_INET, KIND[proto])
+    sock.bind(("127.0.0.1", port))
+    if proto == "tcp":
+        sock.listen()
+    return sock
+
+
+async def reaches_the_guest(st: UserStack, proto: str, port: int) -> None:
+    """A connection (TCP) or a datagram (UDP) to the host port comes out to the
+    guest, to the forward's guest port."""
+    if proto == "tcp":
+        client = trio.socket.socket()
+        await client.connect(("127.0.0.1", port))
+    else:
+        client = trio.socket.socket(type=socket.SOCK_DGRAM)
+        await client.sendto(b"hello", ("127.0.0.1", port))
+    with client:
+        while True:
+            frame = await Wire(st).next()
+            layer = TCP if proto == "tcp" else UDP
+            if layer in frame:
+                break
+        assert frame[IP].dport == 8080
+        if proto == "tcp":
+            assert frame[TCP].flags == "S"
+
+
+def metric(st: UserStack, proto: str) -> float:
+    [family] = [f for f in _flow_families({"user": st.status()}) if f.name.endswith("listening")]
+    [value] = [s.value for s in family.samples if s.labels == {"protocol": proto}]
+    return float(value)
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+async def test_a_taken_port_is_reported_and_retried_until_it_binds(
+    proto: str, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port(KIND[proto])
+    holder = hold(proto, port)
+    fwd = Forward(proto, LOOPBACK, port, port, 8080)
+    st = UserStack(make_config(guest_mac=GUEST_MAC, forwards=(fwd,)), 1)
+    group = st.tcp.listeners if proto == "tcp" else st.udp.listeners
+    try:
+        with trio.fail_after(60):  # virtual seconds
+            await taken_port_case(st, group, proto, port, holder, caplog)
+    finally:
+        holder.close()
+        st.close()
+
+
+async def taken_port_case(
+    st: UserStack,
+    group: Listeners,
+    proto: str,
+    port: int,
+    holder: socket.socket,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        with caplog.at_level(logging.ERROR, logger="trionet.backends.user.listeners"):
+            await nursery.start(st.run)
+        assert f"cannot listen on {proto} 127.0.0.1:{port}" in caplog.text
+        fw = st.status()["forwards"]
+        assert fw["listening"] == 0 and fw["not_listening"][proto] == 1
+        [failing] = fw["failing"]
+        assert failing["port"] == port and failing["guest_port"] == 8080
+        assert failing["error"] == "Address already in use" and not failing["listening"]
+        assert metric(st, proto) == 1
+
+        # still taken: retried after 1 s, then 2 s (the backoff doubles)
+        t0 = trio.current_time()
+        await group.failures.wait_value(3)
+        assert trio.current_time() - t0 == pytest.approx(RETRY_FIRST * 3, abs=0.01)
+
+        holder.close()
+        await group.listening.wait_value(1)
+        assert trio.current_time() - t0 == pytest.approx(RETRY_FIRST * 7, abs=0.01)
+        fw = st.status()["forwards"]
+        assert fw["listening"] == 1 and fw["not_listening"][proto] == 0 and not fw["failing"]
+        assert metric(st, proto) == 0
+        await reaches_the_guest(st, proto, port)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_backoff_stops_growing_at_its_ceiling(autojump_clock: trio.abc.Clock) -> None:
+    port = free_port(KIND["tcp"])
+    fwd = Forward("tcp", LOOPBACK, port, port, 8080)
+    st = UserStack(make_config(guest_mac=GUEST_MAC, forwards=(fwd,)), 1)
+    with hold("tcp", port):
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(st.run)
+                group = st.tcp.listeners
+                stamps = []
+                with trio.fail_after(1000):
+                    for n in range(2, 12):
+                        await group.failures.wait_value(n)
+                        stamps.append(trio.current_time())
+                gaps = [b - a for a, b in itertools.pairwise(stamps)]
+                assert gaps[:6] == pytest.approx([2, 4, 8, 16, 32, 60], abs=0.01)
+                assert gaps[6:] == pytest.approx([RETRY_MAX] * 3, abs=0.01)
+                nursery.cancel_scope.cancel()
+        finally:
+            st.close()
+
+
+async def test_a_free_port_listens_at_once_and_nothing_is_failing() -> None:
+    port = free_port(KIND["tcp"])
+    fwd = Forward("tcp", LOOPBACK, port, port, 8080)
+    st = UserStack(make_config(guest_mac=GUEST_MAC, forwards=(fwd,)), 1)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(st.run)
+            assert st.tcp.listeners.listening.value == 1
+            assert st.status()["forwards"] == {
+                "listening": 1,
+                "not_listening": {"udp": 0, "tcp": 0},
+                "failing": [],
+            }
+            nursery.cancel_scope.cancel()
+    finally:
+        st.close()
+    # the session's end closes the socket: the port is free again
+    with hold("tcp", port):
+        pass
