@@ -32,6 +32,7 @@ import socket
 import subprocess
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ import trio
 from tests.e2e.guest import (
     Guest,
     GuestError,
+    accel_args,
     ensure_guest_image,
     prerequisite_problems,
     qemu_argv,
@@ -84,7 +86,18 @@ MAX_LOST_PINGS = 5
 # sched_clock_cpu). loglevel=5: warnings reach the console (the harness's "quiet"
 # hides them).
 GUEST_APPEND = "tsc=reliable loglevel=5"
-TEST_TIMEOUT = 600
+TEST_TIMEOUT = 900
+# A guest kernel that crashes or hangs after the switch, or a source that never
+# finishes booting, is QEMU 7.2's TCG here, not trionet: the same per-CPU list
+# and slab corruption, and the same silent hang, happen on the destination with
+# QEMU's own virtio-net on slirp, without trionet (docs/migration.md). Under TCG
+# such an attempt is made again, up to TCG_ATTEMPTS times in all; under KVM,
+# never.
+TCG_ATTEMPTS = 3
+CONSOLE_PROBE = 20  # seconds a guest that runs has to answer ``true`` on its console
+KERNEL_CRASH = re.compile(
+    r"Kernel panic|BUG: |Oops: |general protection fault|list_(?:add|del) corruption"
+)
 CLONE_NEWNET = 0x40000000
 
 
@@ -374,31 +387,97 @@ async def prerequisites() -> None:
     await trio.to_thread.run_sync(ensure_guest_image)
 
 
+class TcgGuestFailure(Exception):
+    """The guest's kernel crashed, or the source never booted (QEMU's TCG)."""
+
+
+async def tcg_guest_failure(src: Guest, dst: Guest, switched: bool) -> str | None:
+    """What went wrong with a guest itself, if anything did: its kernel crashed,
+    the source never booted, or the guest that should run (the destination once
+    the migration completed) does not answer on its serial console, which
+    does not depend on the network."""
+    if accel_args()[1] == "kvm":
+        return None
+    for name, guest in (("source", src), ("destination", dst)):
+        m = KERNEL_CRASH.search(guest.console)
+        if m:
+            return f"the {name} guest's kernel crashed ({m.group(0)!r})"
+    if "TRIONET-GUEST-READY" not in src.console:
+        return "the source guest did not finish booting"
+    name, guest = ("destination", dst) if switched else ("source", src)
+    try:
+        await guest.check("true", timeout=CONSOLE_PROBE)
+    except (GuestError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        return f"the {name} guest does not answer on its serial console"
+    return None
+
+
 async def migrate_and_check(setup: Setup, tmp_path: Path) -> None:
-    fig = Figures()
-    mig = tmp_path / "migration.sock"
-    async with (
-        qemu(vm_argv(setup.sock["a"], tmp_path / "a.qmp"), tmp_path / "console-a.log") as src,
-        qemu(
-            vm_argv(setup.sock["b"], tmp_path / "b.qmp", ["-incoming", f"unix:{mig}"]),
-            tmp_path / "console-b.log",
-        ) as dst,
-    ):
+    for attempt in range(1, TCG_ATTEMPTS + 1):
+        run_dir = tmp_path / f"attempt{attempt}"
+        run_dir.mkdir()
         try:
-            await run_migration(fig, setup, src, dst, tmp_path)
-        except (AssertionError, GuestError, OSError, trio.TooSlowError) as exc:
-            raise AssertionError(
-                f"{tail_lines(str(exc), 40)}\n{tails(setup.svc['a'], src, 'A (source)')}\n"
-                f"{tails(setup.svc['b'], dst, 'B (destination)')}"
-            ) from exc
+            fig = await migrate_once(setup, run_dir)
+        except Exception as exc:
+            failure = tcg_failure_in(exc)
+            if failure is None:
+                raise
+            if attempt == TCG_ATTEMPTS:
+                raise AssertionError(f"{TCG_ATTEMPTS} attempts, the last: {failure}") from exc
+            print(f"== attempt {attempt}: {str(failure).splitlines()[0]}; trying again")
+            continue
+        break
     report = json.dumps(
-        {"backend": setup.name, **fig.__dict__, "datagrams_lost": fig.datagrams_lost}, indent=1
+        {
+            "backend": setup.name,
+            "attempts": attempt,
+            **fig.__dict__,
+            "datagrams_lost": fig.datagrams_lost,
+        },
+        indent=1,
     )
     (tmp_path / "figures.json").write_text(report)
     print("migration figures:", report)
     assert fig.datagrams_bad == 0 and fig.datagrams_repeated == 0, report
     assert fig.datagrams_after_switch_good > 0, report
     assert fig.pings_lost <= MAX_LOST_PINGS, report
+
+
+async def migrate_once(setup: Setup, run_dir: Path) -> Figures:
+    fig = Figures()
+    mig = run_dir / "migration.sock"
+    async with (
+        qemu(vm_argv(setup.sock["a"], run_dir / "a.qmp"), run_dir / "console-a.log") as src,
+        qemu(
+            vm_argv(setup.sock["b"], run_dir / "b.qmp", ["-incoming", f"unix:{mig}"]),
+            run_dir / "console-b.log",
+        ) as dst,
+    ):
+        try:
+            await run_migration(fig, setup, src, dst, run_dir)
+        except Exception as exc:  # a failed check, a guest gone (also inside a group)
+            failure = await tcg_guest_failure(src, dst, fig.total_ms is not None)
+            what = tail_lines("".join(traceback.format_exception(exc)), 40)
+            details = (
+                f"{what}\n{tails(setup.svc['a'], src, 'A (source)')}\n"
+                f"{tails(setup.svc['b'], dst, 'B (destination)')}"
+            )
+            if failure is not None:
+                raise TcgGuestFailure(f"{failure}\n{details}") from exc
+            raise AssertionError(details) from exc
+    return fig
+
+
+def tcg_failure_in(exc: BaseException) -> TcgGuestFailure | None:
+    """The TcgGuestFailure in ``exc``, also inside (nested) exception groups."""
+    if isinstance(exc, TcgGuestFailure):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = tcg_failure_in(inner)
+            if found is not None:
+                return found
+    return None
 
 
 async def run_migration(fig: Figures, setup: Setup, src: Guest, dst: Guest, tmp_path: Path) -> None:
