@@ -20,6 +20,7 @@ from trionet.backends.user.config import Forward
 from trionet.backends.user.listeners import RETRY_FIRST, RETRY_MAX, Listeners
 from trionet.backends.user.stack import UserStack
 from trionet.service.metrics import _flow_families
+from trionet.service.statusfmt import format_table
 
 LOOPBACK = IPv4Address("127.0.0.1")
 KIND = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}
@@ -95,6 +96,9 @@ async def taken_port_case(
         assert failing["port"] == port and failing["guest_port"] == 8080
         assert failing["error"] == "Address already in use" and not failing["listening"]
         assert metric(st, proto) == 1
+        table = format_table({"user": st.status()})
+        assert "forwards: 0 listening, 1 NOT listening (retried)" in table
+        assert f"{proto} 127.0.0.1:{port} -> guest 8080: Address already in use" in table
 
         # still taken: retried after 1 s, then 2 s (the backoff doubles)
         t0 = trio.current_time()
@@ -107,6 +111,7 @@ async def taken_port_case(
         fw = st.status()["forwards"]
         assert fw["listening"] == 1 and fw["not_listening"][proto] == 0 and not fw["failing"]
         assert metric(st, proto) == 0
+        assert "forwards: 1 listening, 0 NOT listening" in format_table({"user": st.status()})
         await reaches_the_guest(st, proto, port)
         nursery.cancel_scope.cancel()
 

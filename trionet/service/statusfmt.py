@@ -34,6 +34,22 @@ def _si(n: int) -> str:
     return str(n)  # pragma: no cover
 
 
+def _forwards(fw: dict[str, Any] | None) -> list[str]:
+    """The inbound forwards' line, and one per port that does not listen."""
+    if not fw:
+        return []
+    down = sum(fw.get("not_listening", {}).values())
+    if not fw.get("listening") and not down:
+        return []
+    out = [f"forwards: {fw.get('listening', 0)} listening, {down} NOT listening (retried)"]
+    for p in fw.get("failing", []):
+        out.append(
+            f"  {p['proto']} {p['address']}:{p['port']} -> guest {p['guest_port']}: "
+            f"{p['error']} ({p['failures']} attempts)"
+        )
+    return out
+
+
 def format_table(st: dict[str, Any]) -> str:
     head = [
         f"vm {st.get('vm') or '-'}",
@@ -51,6 +67,7 @@ def format_table(st: dict[str, Any]) -> str:
         by = user.get("flows_by_protocol", {})
         flows = "  ".join(f"{p} {by.get(p, 0)}" for p in ("tcp", "udp", "icmp"))
         lines.append(f"flows: {flows}  stack drops {user.get('drops', 0)}")
+        lines.extend(_forwards(user.get("forwards")))
     rows = [[title for title, _ in _COLUMNS]]
     for p in st.get("pairs", []):
         rows.append([_cell(p.get(key, 0)) for _, key in _COLUMNS])
