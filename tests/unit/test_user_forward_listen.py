@@ -4,8 +4,10 @@ backoff until the port is free, then they work."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import os
 import socket
 from ipaddress import IPv4Address
 
@@ -17,8 +19,9 @@ from tests.e2e.ports import free_port
 from tests.fakes.userguest import GUEST_MAC, make_config
 from tests.unit.test_user_tcp import Wire
 from trionet.backends.user.config import Forward
-from trionet.backends.user.listeners import RETRY_FIRST, RETRY_MAX, Listeners
+from trionet.backends.user.listeners import RETRY_FIRST, RETRY_MAX, Listeners, ListenPoint
 from trionet.backends.user.stack import UserStack
+from trionet.backends.user.tcp import TcpFlows
 from trionet.service.metrics import _flow_families
 from trionet.service.statusfmt import format_table
 
@@ -149,6 +152,7 @@ async def test_a_free_port_listens_at_once_and_nothing_is_failing() -> None:
             assert st.status()["forwards"] == {
                 "listening": 1,
                 "not_listening": {"udp": 0, "tcp": 0},
+                "unsupported": 0,
                 "failing": [],
             }
             nursery.cancel_scope.cancel()
@@ -157,3 +161,38 @@ async def test_a_free_port_listens_at_once_and_nothing_is_failing() -> None:
     # the session's end closes the socket: the port is free again
     with hold("tcp", port):
         pass
+
+
+async def test_a_host_without_ipv6_is_warned_of_once_not_retried(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forward without a bind address listens on both families the guest has;
+    a host with no IPv6 sockets at all (EAFNOSUPPORT) cannot ever give the IPv6
+    one: a warning, no retries, and nothing counted as failing."""
+    port = free_port(KIND["tcp"])
+    fwd = Forward("tcp", None, port, port, 8080)
+    st = UserStack(make_config(guest_mac=GUEST_MAC, forwards=(fwd,)), 1)
+
+    def no_ipv6(point: ListenPoint) -> socket.socket:
+        if point.family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        point.addr = "127.0.0.1"  # (the test listens on loopback only)
+        return TcpFlows._listen_socket(point)
+
+    st.tcp.listeners._open = no_ipv6
+    try:
+        async with trio.open_nursery() as nursery:
+            with caplog.at_level(logging.WARNING, logger="trionet.backends.user.listeners"):
+                await nursery.start(st.run)
+            assert f"not listening on tcp [::]:{port}: Address family not supported" in caplog.text
+            assert "cannot listen" not in caplog.text
+            fw = st.status()["forwards"]
+            assert fw["listening"] == 1 and fw["unsupported"] == 1
+            assert fw["not_listening"]["tcp"] == 0 and not fw["failing"]
+            assert metric(st, "tcp") == 0
+            await trio.sleep(RETRY_MAX * 5)
+            assert st.tcp.listeners.failures.value == 1  # never tried again
+            await reaches_the_guest(st, "tcp", port)
+            nursery.cancel_scope.cancel()
+    finally:
+        st.close()

@@ -7,7 +7,9 @@ there yet) is not given up: the forward is tried again with backoff, from
 ``RETRY_FIRST`` up to every ``RETRY_MAX`` seconds, until it binds.  Meanwhile
 the status document lists it as not listening, with the error, and the
 metrics count it (``trionet_forwards_not_listening``): a forward that does
-not work is visible, and heals itself once the port is free.
+not work is visible, and heals itself once the port is free.  The one failure
+that cannot heal, a host with no sockets of the family at all (IPv6 off:
+``EAFNOSUPPORT``), is a warning, not retried and not counted as failing.
 
 The protocol modules give the socket (``open_socket``: created, options set,
 bound, listening; ``OSError`` when it cannot be) and what serves it
@@ -16,6 +18,7 @@ bound, listening; ``OSError`` when it cannot be) and what serves it
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -47,6 +50,7 @@ class ListenPoint:
     listening: bool = False
     error: str | None = None  # the last failure, while not listening
     failures: int = 0  # bind attempts that failed
+    unsupported: bool = False  # the host has no sockets of this family at all
 
     @property
     def where(self) -> str:
@@ -62,6 +66,7 @@ class ListenPoint:
             "listening": self.listening,
             "error": self.error,
             "failures": self.failures,
+            "unsupported": self.unsupported,
         }
 
 
@@ -86,7 +91,12 @@ class Listeners:
         for family, addr, port, guest_port in listen_points(cfg, self.proto):
             point = ListenPoint(self.proto, family, addr, port, guest_port)
             self.points.append(point)
-            if not self._try(point, nursery):
+            if self._try(point, nursery):
+                continue
+            if point.unsupported:
+                # nothing to wait for: the host cannot have this socket (no IPv6)
+                log.warning("user stack: not listening on %s: %s", point.where, point.error)
+            else:
                 log.error(
                     "user stack: cannot listen on %s: %s; retrying, up to every %.0f s",
                     point.where,
@@ -103,6 +113,7 @@ class Listeners:
             point.failures += 1
             self.failures.value += 1
             point.error = exc.strerror or os.strerror(exc.errno or 0)
+            point.unsupported = exc.errno == errno.EAFNOSUPPORT
             return False
         point.listening, point.error = True, None
         self.sockets.append(sock)
@@ -121,11 +132,18 @@ class Listeners:
                     point.failures,
                 )
                 return
+            if point.unsupported:
+                log.warning("user stack: not listening on %s: %s", point.where, point.error)
+                return
             log.debug("user stack: %s still cannot listen: %s", point.where, point.error)
             delay = min(delay * 2, RETRY_MAX)
 
     def not_listening(self) -> int:
-        return sum(not p.listening for p in self.points)
+        """Points that should listen and do not (being retried)."""
+        return sum(not p.listening and not p.unsupported for p in self.points)
+
+    def unsupported(self) -> int:
+        return sum(p.unsupported for p in self.points)
 
     def describe(self) -> list[dict[str, Any]]:
         return [p.as_dict() for p in self.points]

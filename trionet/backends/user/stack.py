@@ -235,11 +235,14 @@ class UserStack:
 
     def forwards_status(self) -> dict[str, Any]:
         """Inbound forwards' host sockets: how many listen, and which do not
-        (yet: they are retried) with their errors."""
+        (yet: they are retried) with their errors; ``unsupported``: those the
+        host cannot have at all (no IPv6), not retried."""
         groups = (self.udp.listeners, self.tcp.listeners)
-        failing = [p.as_dict() for g in groups for p in g.points if not p.listening]
+        points = [p for g in groups for p in g.points]
+        failing = [p.as_dict() for p in points if not p.listening and not p.unsupported]
         return {
-            "listening": sum(len(g.points) - g.not_listening() for g in groups),
+            "listening": sum(p.listening for p in points),
             "not_listening": {g.proto: g.not_listening() for g in groups},
+            "unsupported": sum(g.unsupported() for g in groups),
             "failing": failing[:64],
         }
