@@ -115,21 +115,34 @@ def datagram(seq: int) -> bytes:
 # recomputed wrongly and counted bad. The first bad lines are printed (line
 # number, length, start) to show what a mismatch looks like, and the first 20
 # numbers missing between the lowest and the highest (where datagrams were lost).
+# Each attempt numbers its datagrams from its own BASE: intact datagrams below it
+# are an earlier attempt's, which the tap queued while that attempt's hung guest
+# took none, and which the tap backend hands to the next VMM session's guest;
+# they are counted as stale, apart from the attempt's own.
 AWK_CHECK = (
     'awk \'{ seq = substr($0, 1, 8); sub(/^0+/, "", seq); seq += 0;'
     ' want = sprintf("%08d ", seq);'
     " for (k = 0; k < 99; k++)"
     ' want = want sprintf("%09d,", (seq * 7919 + k * 104729) % 1000000000);'
-    " if ($0 == want && length($0) == 999) { good++; if (seen[seq]++) dup++;"
+    " if ($0 == want && length($0) == 999 && seq < BASE) stale++;"
+    " else if ($0 == want && length($0) == 999) { good++; if (seen[seq]++) dup++;"
     ' if (min == "" || seq < min) min = seq; if (seq > max) max = seq;'
     " if (seq >= FROM) after++ } else if (++bad <= 3)"
     ' printf "bad line %d: length %d: %s\\n", NR, length($0), substr($0, 1, 40) }'
-    ' END { printf "good=%d bad=%d dup=%d after=%d min=%d max=%d\\n",'
-    " good, bad, dup, after, min, max; gap = 0;"
+    ' END { printf "good=%d bad=%d dup=%d after=%d min=%d max=%d stale=%d\\n",'
+    " good, bad, dup, after, min, max, stale; gap = 0;"
     " for (s = min; s <= max && gap < 20; s++) if (!(s in seen)) lost[gap++] = s;"
     ' if (gap) { printf "missing:"; for (i = 0; i < gap; i++) printf " %d", lost[i];'
-    ' print "" } }\' FROM=%d /tmp/rx'
+    ' print "" } }\' FROM=%d BASE=%d /tmp/rx'
 )
+ATTEMPT_BASE = 1_000_000  # attempt n numbers its datagrams from (n - 1) * this
+
+
+def awk_check(switched_at: int, base: int = 0, path: str = "/tmp/rx") -> str:
+    """The guest's check for a stream numbered from ``base`` that switched to the
+    destination after ``switched_at`` datagrams."""
+    cmd = AWK_CHECK.replace("FROM=%d", f"FROM={base + switched_at}")
+    return cmd.replace("BASE=%d", f"BASE={base}").replace("/tmp/rx", path)
 
 
 @dataclass
@@ -139,6 +152,7 @@ class Stream:
 
     sock: socket.socket
     dest: tuple[str, int]
+    base: int = 0  # the first datagram's number
     sent: int = 0
     switched_at: int | None = None  # datagrams sent before the switch
 
@@ -151,7 +165,7 @@ class Stream:
             task_status.started()
             start = trio.current_time()
             while True:
-                await sock.sendto(datagram(self.sent), self.dest)
+                await sock.sendto(datagram(self.base + self.sent), self.dest)
                 self.sent += 1
                 await trio.sleep_until(start + self.sent / RATE)
 
@@ -272,6 +286,7 @@ class Figures:
     datagrams_after_switch_sent: int = 0
     datagrams_after_switch_good: int = 0
     datagrams_missing: list[int] = field(default_factory=list)  # the first 20 numbers
+    datagrams_stale: int = 0  # an earlier attempt's, queued by a tap meanwhile
 
     @property
     def datagrams_lost(self) -> int:
@@ -500,7 +515,8 @@ async def run_migration(fig: Figures, setup: Setup, src: Guest, dst: Guest, tmp_
         " [ $i -lt 100 ] || exit 1; i=$((i+1)); sleep 0.1; done"
     )
     await src.check(f"ping -i 0.2 {setup.ping_target} >/tmp/ping.out 2>&1 &")
-    stream = Stream(setup.stream_socket(), setup.stream_dest["a"])
+    attempt = int(tmp_path.name.removeprefix("attempt"))
+    stream = Stream(setup.stream_socket(), setup.stream_dest["a"], (attempt - 1) * ATTEMPT_BASE)
     async with trio.open_nursery() as nursery:
         await nursery.start(stream.run)
         await trio.sleep(STREAM_BEFORE)
@@ -516,11 +532,12 @@ async def run_migration(fig: Figures, setup: Setup, src: Guest, dst: Guest, tmp_
     fig.pings_sent, received = ping_counts(out)
     fig.pings_lost = fig.pings_sent - received
     await dst.run("kill $(pidof socat)")
-    out = await dst.check(AWK_CHECK.replace("FROM=%d", f"FROM={stream.switched_at}"), timeout=180)
-    m = re.search(r"good=(\d+) bad=(\d+) dup=(\d+) after=(\d+)", out)
+    out = await dst.check(awk_check(stream.switched_at, stream.base), timeout=180)
+    m = re.search(r"good=(\d+) bad=(\d+) dup=(\d+) after=(\d+) .* stale=(\d+)", out)
     assert m, f"the guest's check printed {out!r}"
     fig.datagrams_good, fig.datagrams_bad, fig.datagrams_repeated = map(int, m.groups()[:3])
     fig.datagrams_after_switch_good = int(m.group(4))
+    fig.datagrams_stale = int(m.group(5))
     missing = re.search(r"^missing:((?: \d+)+)$", out, re.M)
     fig.datagrams_missing = [int(n) for n in missing.group(1).split()] if missing else []
     print(f"guest check: {out.strip()}")

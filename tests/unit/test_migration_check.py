@@ -8,22 +8,24 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.e2e.test_guest_migration import AWK_CHECK, LINE, datagram
+from tests.e2e.test_guest_migration import LINE, awk_check, datagram
 
 BUSYBOX = shutil.which("busybox")  # tools/setup installs busybox-static
 
 
-def check(rx: Path, switched_at: int) -> dict[str, object]:
+def check(rx: Path, switched_at: int, base: int = 0) -> dict[str, object]:
     """What the guest's check prints for the file ``rx``: its counts, and the
     numbers it found missing."""
     assert BUSYBOX is not None, "busybox is missing: run tools/setup"
-    cmd = AWK_CHECK.replace("FROM=%d", f"FROM={switched_at}").replace("/tmp/rx", str(rx))
+    cmd = awk_check(switched_at, base, str(rx))
     out = subprocess.run(
         [BUSYBOX, "sh", "-c", cmd], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    m = re.search(r"good=(\d+) bad=(\d+) dup=(\d+) after=(\d+) min=(\d+) max=(\d+)", out)
+    m = re.search(
+        r"good=(\d+) bad=(\d+) dup=(\d+) after=(\d+) min=(\d+) max=(\d+) stale=(\d+)", out
+    )
     assert m, out
-    names = ("good", "bad", "dup", "after", "min", "max")
+    names = ("good", "bad", "dup", "after", "min", "max", "stale")
     counts: dict[str, object] = dict(zip(names, map(int, m.groups()), strict=True))
     missing = re.search(r"^missing:((?: \d+)+)$", out, re.M)
     counts["missing"] = [int(n) for n in missing.group(1).split()] if missing else []
@@ -42,7 +44,8 @@ def test_every_intact_datagram_counts_as_good(tmp_path: Path) -> None:
     datagrams as bad for it."""
     rx = tmp_path / "rx"
     rx.write_bytes(b"".join(datagram(i) for i in range(843)))
-    want = {"good": 843, "bad": 0, "dup": 0, "after": 443, "min": 0, "max": 842, "missing": []}
+    want: dict[str, object] = {"good": 843, "bad": 0, "dup": 0, "after": 443, "min": 0}
+    want |= {"max": 842, "stale": 0, "missing": []}
     assert check(rx, 400) == want
 
 
@@ -58,7 +61,7 @@ def test_faults_are_counted(tmp_path: Path) -> None:
     lines.append(datagram(15))  # repeated
     rx = tmp_path / "rx"
     rx.write_bytes(b"".join(lines))
-    want = {"good": 16, "bad": 4, "dup": 1, "after": 9, "min": 0, "max": 19}
+    want = {"good": 16, "bad": 4, "dup": 1, "after": 9, "min": 0, "max": 19, "stale": 0}
     assert check(rx, 10) == {**want, "missing": [3, 5, 9, 10, 12]}
 
 
@@ -68,3 +71,17 @@ def test_lost_datagrams_are_listed(tmp_path: Path) -> None:
     got = check(rx, 50)
     assert (got["good"], got["bad"], got["after"]) == (70, 0, 30)
     assert got["missing"] == list(range(40, 60))  # the first 20
+
+
+def test_an_earlier_attempts_datagrams_are_stale_not_repeated(tmp_path: Path) -> None:
+    """A second attempt numbers from its base; what a tap queued from the first
+    (the same offsets, numbered from 0) is counted apart, not as repeats."""
+    base = 1_000_000
+    rx = tmp_path / "rx"
+    earlier = [datagram(i) for i in range(300, 554)]  # 254 of the first attempt's
+    now = [datagram(base + i) for i in range(864)]
+    rx.write_bytes(b"".join(now[:400] + earlier + now[400:]))
+    got = check(rx, 350, base)
+    assert (got["good"], got["dup"], got["stale"], got["bad"]) == (864, 0, 254, 0)
+    assert (got["after"], got["min"], got["max"]) == (514, base, base + 863)
+    assert got["missing"] == []
