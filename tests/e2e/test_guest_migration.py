@@ -238,11 +238,15 @@ async def qemu(argv: Sequence[str], log_path: Path) -> AsyncIterator[Guest]:
         log_file.close()
 
 
-def vm_argv(sock: Path, qmp: Path, extra: Sequence[str] = ()) -> list[str]:
+def vm_argv(
+    sock: Path | None, qmp: Path, extra: Sequence[str] = (), netdev: Sequence[str] = ()
+) -> list[str]:
+    """The guest's QEMU on vhost-user at ``sock``; or, without one, on ``netdev``
+    (QEMU's own back ends, one queue pair: tools/migration_baseline.py)."""
     argv = qemu_argv(
-        netdev_args=None,
-        vhost_user_socket=str(sock),
-        queue_pairs=PAIRS,
+        netdev_args=list(netdev) if sock is None else None,
+        vhost_user_socket=None if sock is None else str(sock),
+        queue_pairs=1 if sock is None else PAIRS,
         mac=MAC,
         smp=PAIRS,
         mem_mb=MEM_MB,
