@@ -18,6 +18,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from tests.e2e.ports import free_port
 from tests.fakes.userguest import GUEST_MAC, make_config
 from tests.unit.test_user_tcp import Wire
+from trionet.backends.user import udp
 from trionet.backends.user.config import Forward
 from trionet.backends.user.listeners import RETRY_FIRST, RETRY_MAX, Listeners, ListenPoint
 from trionet.backends.user.stack import UserStack
@@ -193,6 +194,35 @@ async def test_a_host_without_ipv6_is_warned_of_once_not_retried(
             await trio.sleep(RETRY_MAX * 5)
             assert st.tcp.listeners.failures.value == 1  # never tried again
             await reaches_the_guest(st, "tcp", port)
+            nursery.cancel_scope.cancel()
+    finally:
+        st.close()
+
+
+async def test_a_udp_forward_on_a_host_without_ipv6_is_not_failing(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket call's own errno reaches the listener policy (UDP's flow
+    sockets turn it into a drop; a forward's must not lose it)."""
+    port = free_port(KIND["udp"])
+    fwd = Forward("udp", None, port, port, 8080)
+    st = UserStack(make_config(guest_mac=GUEST_MAC, forwards=(fwd,)), 1)
+    real = udp.udp_socket
+
+    def no_ipv6(family: int) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return real(family)
+
+    monkeypatch.setattr(udp, "udp_socket", no_ipv6)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(st.run)
+            fw = st.status()["forwards"]
+            assert fw["listening"] == 1 and fw["unsupported"] == 1
+            assert fw["not_listening"]["udp"] == 0 and not fw["failing"]
+            await trio.sleep(RETRY_MAX * 2)  # virtual time: nothing is tried again
+            assert st.udp.listeners.failures.value == 1
             nursery.cancel_scope.cancel()
     finally:
         st.close()

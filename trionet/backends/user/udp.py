@@ -64,6 +64,17 @@ class UdpFlow:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
+def udp_socket(family: int) -> socket.socket:
+    """A non-blocking UDP socket that reports ICMP errors (IPV6_V6ONLY for IPv6)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
+    else:
+        sock.setsockopt(SOL_IP, IP_RECVERR, 1)
+    return sock
+
+
 class UdpFlows:
     def __init__(self, stack: UserStack) -> None:
         self.stack = stack
@@ -123,16 +134,10 @@ class UdpFlows:
 
     def _socket(self, family: int) -> socket.socket:
         try:
-            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+            return udp_socket(family)
         except OSError as exc:
             log.warning("user stack: cannot open a UDP socket: %s", exc)
             raise P.Drop("udp_socket_error") from None
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
-        else:
-            sock.setsockopt(SOL_IP, IP_RECVERR, 1)
-        return sock
 
     @staticmethod
     def _bind_port(sock: socket.socket, family: int, port: int) -> None:
@@ -171,11 +176,9 @@ class UdpFlows:
         """Bind every ``-u`` port; each listener's new senders become flows."""
         await self.listeners.start(self.stack.cfg, nursery)
 
-    def _listen_socket(self, point: ListenPoint) -> socket.socket:
-        try:
-            sock = self._socket(point.family)
-        except P.Drop:
-            raise OSError(errno.EMFILE, "cannot open a UDP socket") from None
+    @staticmethod
+    def _listen_socket(point: ListenPoint) -> socket.socket:
+        sock = udp_socket(point.family)  # its OSError (errno kept) goes to Listeners
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((point.addr, point.port))
