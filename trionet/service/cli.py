@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar, cast
 
 import trio
 
 from trionet.backends.loop import MAX_FRAME, MIN_FRAME, LoopBackend
 from trionet.backends.user import UserBackend
 from trionet.backends.user.config import UserConfigError, add_user_arguments, user_config_from_args
+from trionet.netns import namespace
+from trionet.netns.frontend import FrontendError, NetnsFrontend
+from trionet.netns.link import LinkPlan, make
 from trionet.service import logs
 from trionet.service.metricsaddr import MetricsAddress, MetricsSpecError
 from trionet.service.sandbox import SandboxError
@@ -82,6 +87,9 @@ def _add_operations(p: argparse.ArgumentParser) -> None:
     )
 
 
+E = TypeVar("E", bound=BaseException)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trionet",
@@ -91,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket-path", type=Path, help="listen on this UNIX socket path")
     where.add_argument("--fd", type=int, help="serve an already-listening UNIX socket fd")
     where.add_argument("--connect", type=Path, help="connect to a VMM that listens here")
+    where.add_argument(
+        "--netns",
+        metavar="PID|PATH",
+        help="serve a network namespace instead of a VM (as pasta does): a tap in the "
+        "namespace of PID, or of the namespace file PATH, configured and driven by trionet "
+        "itself; default one queue pair",
+    )
     p.add_argument(
         "--print-capabilities",
         action="store_true",
@@ -105,10 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tap", default="trionet0", help="tap device to attach to or create")
     p.add_argument(
+        "--netns-ifname",
+        default="eth0",
+        metavar="NAME",
+        help="with --netns: the tap's name in the namespace (default eth0)",
+    )
+    p.add_argument(
         "--queue-pairs",
         type=_pairs,
-        default=MAX_PAIRS,
-        help="queue pairs offered to the guest (1..16, default 16)",
+        help="queue pairs offered to the guest (1..16, default 16; with --netns, the tap's "
+        "queues, default 1)",
     )
     p.add_argument(
         "--loop-generate",
@@ -169,6 +190,9 @@ async def _main(args: argparse.Namespace) -> None:
 
         backend = TapBackend(args.tap, args.queue_pairs)
     await backend.open()
+    if args.netns:
+        assert isinstance(backend, UserBackend)
+        config.frontend = await _netns_frontend(args, backend)
     config.after_setup = sandbox_setup(sandbox, config, backend)
     try:
         opts = RunOptions(metrics=args.metrics, ready_fd=args.ready_fd, grace=args.grace)
@@ -192,6 +216,31 @@ async def _user_backend(args: argparse.Namespace, mtu: int) -> UserBackend:
             )  # fmt: skip
     log.info("user stack: MTU %d, DNS upstreams %s", cfg.mtu, cfg.dns_upstreams or "none")
     return UserBackend(cfg, args.queue_pairs)
+
+
+async def _netns_frontend(args: argparse.Namespace, backend: UserBackend) -> NetnsFrontend:
+    """The tap in the namespace, made and configured from a thread inside it."""
+    v4 = backend.cfg.v4
+    plan = LinkPlan(
+        ifname=args.netns_ifname,
+        queues=args.queue_pairs,
+        mtu=backend.cfg.mtu,
+        address=ipaddress.IPv4Interface(f"{v4.address}/{v4.prefix_len}") if v4 else None,
+        gateway=ipaddress.IPv4Address(str(v4.gateway)) if v4 else None,
+    )
+    try:
+        inside = namespace.run_inside
+        taps = await trio.to_thread.run_sync(inside, args.netns_fd, lambda: make(plan))
+    except OSError as exc:
+        raise ConfigError(f"--netns {args.netns}: {exc}") from None
+    finally:
+        os.close(args.netns_fd)
+    logging.getLogger("trionet").info(
+        "namespace %s: %s with %d queue(s), MTU %d%s",
+        args.netns, plan.ifname, plan.queues, plan.mtu,
+        f", {plan.address} via {plan.gateway}" if plan.address else "",
+    )  # fmt: skip
+    return NetnsFrontend(taps, mtu=backend.cfg.mtu)
 
 
 def status_main(argv: Sequence[str]) -> int:
@@ -223,8 +272,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(capabilities()))
         return 0
     args = build_parser().parse_args(argv)
-    if args.socket_path is None and args.fd is None and args.connect is None:
-        print("trionet: one of --socket-path, --fd or --connect is required", file=sys.stderr)
+    if args.socket_path is None and args.fd is None and args.connect is None and not args.netns:
+        print(
+            "trionet: one of --socket-path, --fd, --connect or --netns is required",
+            file=sys.stderr,
+        )
+        return 2
+    if args.queue_pairs is None:
+        args.queue_pairs = 1 if args.netns else MAX_PAIRS
+    if args.netns and args.backend != "user":
+        print("trionet: --netns serves the namespace with --backend user only", file=sys.stderr)
         return 2
     if args.loop_generate and (
         args.backend != "loop" or not MIN_FRAME <= args.loop_generate <= MAX_FRAME
@@ -242,15 +299,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logs.configure(args.log_level, args.log_format, args.vm_id)
     problem: ConfigError | None = None
+    failed: FrontendError | None = None
+    if args.netns:
+        # before any thread exists: joining a user namespace needs a single thread
+        try:
+            args.netns_fd = namespace.open_netns(args.netns)
+            if namespace.join_owner(args.netns_fd):
+                logging.getLogger("trionet").info(
+                    "joined the user namespace that owns %s (no CAP_SYS_ADMIN)", args.netns
+                )
+        except namespace.NetnsError as exc:
+            print(f"trionet: {exc}", file=sys.stderr)
+            return 2
     try:
         trio.run(_main, args)
     except* ConfigError as group:
         problem = _first(group)
+    except* FrontendError as group:
+        failed = _first(group)
     except* KeyboardInterrupt:
         pass
     if problem is not None:
         print(f"trionet: {problem}", file=sys.stderr)
         return 2
+    if failed is not None:
+        print(f"trionet: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -262,12 +336,11 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def _first(group: BaseExceptionGroup[ConfigError]) -> ConfigError:
+def _first(group: BaseExceptionGroup[E]) -> E:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
-    assert isinstance(exc, ConfigError)
-    return exc
+    return cast(E, exc)
 
 
 if __name__ == "__main__":

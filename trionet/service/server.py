@@ -21,6 +21,7 @@ from typing import Any, cast
 import trio
 
 from trionet.errors import ProtocolError
+from trionet.netns.frontend import FrontendError, NetnsFrontend
 from trionet.service.counters import PairCounters
 from trionet.service.faults import Faults, Recoverable, watch_backend
 from trionet.service.session import HostBackend, Session
@@ -47,6 +48,8 @@ class ServiceConfig:
     mtu: int = 1500
     threads: bool = False  # serve each pair's rings on a native worker thread
     vm_id: str = ""  # --vm-id: in the status, every log line and every metric
+    # --netns: trionet's own front end, served over a socketpair instead of a VMM
+    frontend: NetnsFrontend | None = None
     # called once the sockets are bound, before the first connection (the sandbox)
     after_setup: Callable[[], Awaitable[None]] | None = None
 
@@ -86,6 +89,8 @@ class Service:
         )
         st["draining"] = self.draining
         st["faults"] = self.faults.as_dict()
+        if self.config.frontend is not None:
+            st["netns"] = {"pairs": self.config.frontend.status()}
         return st
 
     def summary(self) -> str:
@@ -117,7 +122,11 @@ class Service:
             if hasattr(self.backend, "lost") and hasattr(self.backend, "reopen"):
                 tap = cast(Recoverable, self.backend)
                 nursery.start_soon(watch_backend, tap, self.faults, self._swap_fds)
-            if self.config.connect_path is not None:
+            if self.config.frontend is not None:
+                await self._setup_done()
+                task_status.started()
+                await self._serve_frontend(self.config.frontend)
+            elif self.config.connect_path is not None:
                 await self._setup_done()
                 task_status.started()
                 await self._dial(self.config.connect_path)
@@ -146,6 +155,17 @@ class Service:
                 return
             with conn:
                 await self._serve_connection(conn)
+
+    async def _serve_frontend(self, frontend: NetnsFrontend) -> None:
+        """One session for our own front end; its failure, or the session's end,
+        ends the service (the namespace has nobody else to serve it)."""
+        ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with ours, theirs:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(frontend.run, theirs)
+                await self._serve_connection(ours)
+                nursery.cancel_scope.cancel()
+        raise FrontendError("the namespace's session ended (see the log above)")
 
     async def _dial(self, path: Path) -> None:
         delay = BACKOFF_MIN
