@@ -145,6 +145,11 @@ static int tap_to_tx(struct tn_nsdrv *d, struct ring *tx, uint16_t *free_ids, ui
                 *tap_empty = 1;
                 break;
             }
+            if (errno == EFAULT || errno == EINVAL || errno == EMSGSIZE) {
+                /* the frame did not fit (the kernel dropped it): count it */
+                d->stats.tx_errors++;
+                continue;
+            }
             return -errno;
         }
         if (r == 0) {

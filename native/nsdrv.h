@@ -13,7 +13,7 @@
  *
  * One copy each way, as a tap owner like pasta has.  Rings are split, without
  * EVENT_IDX; each descriptor is one buffer of buf_size bytes (no merged RX
- * buffers, so a buffer holds the largest frame).  The front end fills in the
+ * buffers, so a buffer holds the largest frame a tap can carry).  The front end fills in the
  * layout, the fds and stop_fd, runs tn_nsdrv_run on a thread and stops it by
  * writing stop_fd.  It returns 0 when stopped, or -errno when the tap or an
  * eventfd failed; a used entry that names no descriptor of ours is -EPROTO. */
@@ -23,6 +23,7 @@
 struct tn_nsdrv_stats {
     uint64_t tx_frames;       /* tap -> TX ring */
     uint64_t tx_bytes;
+    uint64_t tx_errors;       /* tap reads that failed for one frame (dropped) */
     uint64_t rx_frames;       /* RX ring -> tap */
     uint64_t rx_bytes;
     uint64_t rx_errors;       /* tap writes refused (frame dropped) */

@@ -7,13 +7,12 @@ its kernel stack is the guest, on interface tng0 with a default route via 10.0.2
 which every stack maps to the host's 127.0.0.1.  Host port PIN on 127.0.0.1 is
 forwarded to the guest.  The host is this machine's own network namespace.
 
-  trionet      python -m trionet --backend user --queue-pairs 1 --address 10.0.2.15/24
-               --gateway 10.0.2.2 -4 --mtu 1500 -u 127.0.0.1/PIN:PIN TRIONET_ARGS, as
-               uid 0 without capabilities (empty bounding set, no_new_privs).  The
-               guest reaches it as a VM would, through a vhost-user socket: testpmd in
-               the namespace bridges a net_af_packet port on the peer of tng0 (a veth
-               pair, offloads off) and a net_virtio_user port in io mode with tx retry
-               (the rig of tools/benchtcp.py; benchlib.bridge_frontend_argv).
+  trionet      python -m trionet --netns HOLDER_PID --netns-ifname tng0 --backend user
+               --queue-pairs 1 --address 10.0.2.15/24 --gateway 10.0.2.2 -4 --mtu 1500
+               -u 127.0.0.1/PIN:PIN TRIONET_ARGS, started as root (it opens and configures
+               the namespace's tap, then drops every capability in its sandbox); it
+               serves the namespace's tap itself, as pasta does, through its own
+               vhost-user front end (trionet/netns/).
   pasta        pasta -f -q -4 --config-net -I tng0 -a 10.0.2.15 -n 24 -g 10.0.2.2
                -m 1500 -u 127.0.0.1/PIN -U none -T none -t none HOLDER_PID, as uid
                65534; it joins the namespace and serves its tap itself.
@@ -42,7 +41,7 @@ guest's MAC).
   tx_kpps    the sender's datagrams per second (accepted by its kernel): offered load.
   loss       1 - received / sent, whole run (the receiver drains until 0.5 s quiet), %.
   stack_cpu  CPU time of the stack's process (all threads) over the window / its
-             length; for trionet without testpmd.
+             length.
   us/dgram   stack_cpu per received datagram, in microseconds: the stack's cost of
              one datagram (for pasta and slirp4netns "in", including the namespace
              kernel's receive path, see below).
@@ -56,15 +55,13 @@ guest's MAC).
   busy       all CPUs' busy fraction just before the figure, less this run's own
              processes: anything well above 0 distorts the figures.
 
-CPU placement (2 CPUs): the stack on CPU 0, sender and receiver on CPU 1, and so is
-trionet's polling testpmd bridge, as the frontend in every other section: a guest-side
-cost pasta's and slirp4netns' guests do not have (the namespace kernel uses their tap
-directly), while their tap writes run the namespace kernel's receive path on CPU 0,
-which for trionet testpmd's af_packet sends do on CPU 1.  tx_kpps, stack_cpu and the drop columns
-show which side limited a figure.
+CPU placement (2 CPUs): the stack on CPU 0, sender and receiver on CPU 1.  Every
+stack serves the namespace's tap itself; its tap writes run the namespace kernel's
+receive path on CPU 0.  tx_kpps, stack_cpu and the drop columns show which side
+limited a figure.
 
 Every step has a timeout; every process is started in its own session and stopped by
-pid; namespaces, sockets and DPDK runtime directories are removed afterwards.  No
+pid; namespaces and work directories are removed afterwards.  No
 datagram goes anywhere but 127.0.0.1 and the namespaces made here.
 """
 
@@ -105,7 +102,6 @@ GUEST_ADDR = {"trionet": "10.0.2.15", "pasta": "10.0.2.15", "slirp4netns": "10.0
 MTU = 1500
 UNPRIVILEGED_UID = 65534
 UNPRIVILEGED = f"setpriv --reuid={UNPRIVILEGED_UID} --regid={UNPRIVILEGED_UID} --clear-groups"
-NO_CAPABILITIES = "setpriv --inh-caps=-all --ambient-caps=-all --bounding-set=-all --no-new-privs"
 START_TIMEOUT = 10.0  # seconds for the first datagram to reach the receiver
 SEND_TAIL = 1.0  # seconds the sender goes on after the receiver's window
 
@@ -257,12 +253,11 @@ class _Stack:
         python: str,
         trionet_args: Sequence[str],
         in_source: str,
+        mtu: int = MTU,
     ) -> None:
         tag = f"tnudp{os.getpid()}r{seq}"
         self.name = name
         self.ns = tag + "g"
-        self.fe_prefix = tag + "f"
-        self.sock = workdir / f"{tag}.sock"
         self.logbase = workdir / f"udp-{name}-{seq}"
         self.flood = flood
         self.python = python
@@ -270,6 +265,7 @@ class _Stack:
         self.guest_addr = GUEST_ADDR[name]
         self.out_port, self.in_port = _free_udp_ports(2)
         self.in_source = in_source
+        self.mtu = mtu
         self.procs: list[bl.Proc] = []
         self.named = False
         self.rundir: Path | None = None  # writable by the unprivileged user
@@ -302,33 +298,24 @@ class _Stack:
         self.named = True
         return holder
 
-    def start_trionet(self) -> None:
+    def start_trionet(self, holder: bl.Proc) -> None:
         options = (
             f"--backend user --queue-pairs 1 --address {self.guest_addr}/{PREFIX_LEN} "
-            f"--gateway {GATEWAY} -4 --mtu {MTU} -u 127.0.0.1/{self.in_port}:{self.in_port}"
+            f"--gateway {GATEWAY} -4 --mtu {self.mtu} -u 127.0.0.1/{self.in_port}:{self.in_port}"
         ).split()
+        where = ["--netns", str(holder.pid), "--netns-ifname", GUEST_IF]
         argv = [
             *bl.cpu_pin_prefix(bl.BACKEND_CPU),
-            *NO_CAPABILITIES.split(),
-            *(self.python, "-m", "trionet", "--socket-path", str(self.sock), *options),
+            *(self.python, "-m", "trionet", *where, *options),
             *self.trionet_args,
         ]
         self.stack = self._spawn("trionet", argv, env=bl.trionet_env(REPO))
-        bl.wait_for_socket(self.sock, self.stack, timeout=30.0)
-        link = bl.make_guest_link(self.ns, GUEST_IF)
-        argv = bl.bridge_frontend_argv(prefix=self.fe_prefix, link=link, sock=self.sock)
-        frontend = self._spawn("frontend testpmd", [*bl.netns_exec(self.ns), *argv])
-        self.watched.append(frontend)
-        bl.configure_link(
-            self.ns, GUEST_IF, f"{self.guest_addr}/{PREFIX_LEN}", mtu=MTU, gateway=GATEWAY
-        )
-        # Forwarding has started once testpmd prints its first statistics.
-        bl.wait_for_output(frontend, "Port statistics", timeout=30.0)
+        _wait_for_address(self.ns, GUEST_IF, self.guest_addr, self.stack, timeout=30.0)
 
     def start_pasta(self, holder: bl.Proc) -> None:
         options = (
             f"-f -q -4 --config-net -I {GUEST_IF} -a {self.guest_addr} -n {PREFIX_LEN} "
-            f"-g {GATEWAY} -m {MTU} -u 127.0.0.1/{self.in_port} -U none -T none -t none"
+            f"-g {GATEWAY} -m {self.mtu} -u 127.0.0.1/{self.in_port} -U none -T none -t none"
         ).split()
         argv = [
             *bl.cpu_pin_prefix(bl.BACKEND_CPU),
@@ -344,7 +331,7 @@ class _Stack:
         argv = [
             *bl.cpu_pin_prefix(bl.BACKEND_CPU),
             *UNPRIVILEGED.split(),
-            *("slirp4netns", "--configure", f"--mtu={MTU}", f"--api-socket={api}"),
+            *("slirp4netns", "--configure", f"--mtu={self.mtu}", f"--api-socket={api}"),
             *(str(holder.pid), GUEST_IF),
         ]
         self.stack = self._spawn("slirp4netns", argv)
@@ -364,7 +351,7 @@ class _Stack:
         holder = self.make_namespace()
         self.watched.append(holder)
         if self.name == "trionet":
-            self.start_trionet()
+            self.start_trionet(holder)
         elif self.name == "pasta":
             self.start_pasta(holder)
         else:
@@ -468,17 +455,13 @@ class _Stack:
         return row
 
     def cleanup(self) -> None:
-        # generators, then testpmd (it disconnects from trionet), the stack, the
-        # namespace holder; each by pid.
+        # generators, the stack, the namespace holder; each by pid.
         for proc in reversed(self.procs):
             bl.stop(proc, grace=8.0)
         if self.named:
             with contextlib.suppress(bl.BenchError):
                 bl.run_cmd(["ip", "netns", "delete", self.ns], "delete namespace", 30.0)
             self.named = False
-        bl.remove_dpdk_runtime_dir(self.fe_prefix)
-        with contextlib.suppress(FileNotFoundError):
-            self.sock.unlink()
         if self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self.rundir = None
@@ -576,8 +559,6 @@ def check_prereqs(stacks: Sequence[str] = STACKS) -> list[str]:
         problems.append("must run as root (namespaces, taps, dropping privileges)")
     tools = ["ip", "taskset", "setpriv", "unshare"]
     tools += [s for s in ("pasta", "slirp4netns") if s in stacks]
-    if "trionet" in stacks:
-        tools.append(bl.TESTPMD)
     for tool in tools:
         if shutil.which(tool) is None:
             problems.append(f"{tool} not found in PATH")
@@ -682,8 +663,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def describe(seconds: float, warmup: float) -> str:
     """The legend printed above the table."""
     return (
-        f"udp: datagrams/s through user-mode stacks on CPU {bl.BACKEND_CPU} (generators and "
-        f"trionet's testpmd bridge on CPU {bl.FRONTEND_CPU}); out = guest to host, in = host "
+        f"udp: datagrams/s through user-mode stacks on CPU {bl.BACKEND_CPU} (generators "
+        f"on CPU {bl.FRONTEND_CPU}); out = guest to host, in = host "
         f"to guest; rx_kpps = received, {seconds:g} s window after {warmup:g} s; tx_kpps = "
         "offered; vs_* = trionet rx / that stack's rx (see tools/benchudp.py --help)"
     )

@@ -1,11 +1,12 @@
 """iperf3 TCP through three user-mode stacks, with a network namespace as the guest.
 
 The rig is tools/benchudp.py's (one fresh unprivileged namespace per stack, interface
-tng0, 10.0.2.0/24 with the gateway 10.0.2.2 mapped to the host's 127.0.0.1; trionet
---backend user behind the testpmd net_af_packet <-> virtio-user bridge, pasta and
-slirp4netns serving the namespace's tap themselves; each stack on CPU 0, testpmd on
-CPU 1): its set-up is imported from there, including the short UDP burst that checks
-the path.  Then iperf3 -s -B 127.0.0.1 runs on the host and the client in the
+tng0, 10.0.2.0/24 with the gateway 10.0.2.2 mapped to the host's 127.0.0.1; every
+stack serves the namespace's tap itself: trionet with --netns, pasta, slirp4netns;
+each stack on CPU 0): its set-up is imported from there, including the short UDP
+burst that checks the path.  Each stack keeps its default MTU, as in the QEMU guest
+rig (trionet and pasta 65520, slirp4netns 1500); tools/bench --usertcp-mtu N gives
+all three the same one.  Then iperf3 -s -B 127.0.0.1 runs on the host and the client in the
 namespace, pinned to CPU 1 (the server too):
 
   out  iperf3 -c 10.0.2.2 -p PORT -t SECONDS -O OMIT -J       guest -> host
@@ -39,6 +40,8 @@ import benchlib as bl
 import benchudp
 
 STACKS = benchudp.STACKS
+# Each stack's default MTU, as in the QEMU guest rig (tools/benchguesttcp.py).
+DEFAULT_MTU = {"trionet": 65520, "pasta": 65520, "slirp4netns": 1500}
 DIRECTIONS = ("out", "in")
 
 
@@ -144,8 +147,10 @@ def run_usertcp(
     directions: Sequence[str] = DIRECTIONS,
     omit: int = 1,
     progress: bool = False,
+    mtu: int | None = None,
 ) -> list[UserTcpRow]:
-    """One row per (stack, direction); failures in UserTcpRow.error."""
+    """One row per (stack, direction); failures in UserTcpRow.error.  ``mtu``:
+    every stack's link MTU (default: each stack's own, DEFAULT_MTU)."""
 
     def say(text: str, end: str = "\n") -> None:
         if progress:
@@ -166,6 +171,7 @@ def run_usertcp(
                 python=python,
                 trionet_args=trionet_args,
                 in_source=in_source,
+                mtu=mtu or DEFAULT_MTU[name],
             )
             stack.logbase = workdir / f"usertcp-{name}"
             stack.setup()
@@ -209,11 +215,12 @@ def print_table(rows: Sequence[UserTcpRow], what: str = "stack") -> None:
         )
 
 
-def describe(seconds: float, omit: int) -> str:
+def describe(seconds: float, omit: int, mtu: int | None = None) -> str:
+    mtus = f"MTU {mtu}" if mtu else "each at its default MTU (65520; slirp4netns 1500)"
     return (
         f"usertcp: iperf3 Gbit/s, {seconds:g} s after {omit} s omitted, between a network "
         f"namespace (the guest) and the host's 127.0.0.1 through user-mode stacks on CPU "
-        f"{bl.BACKEND_CPU} (iperf3 and trionet's testpmd bridge on CPU {bl.FRONTEND_CPU}); "
+        f"{bl.BACKEND_CPU}, {mtus} (iperf3 on CPU {bl.FRONTEND_CPU}); "
         "out = guest to host, in = host to guest (-R); vs_* = trionet / that stack's "
         "(see tools/benchusertcp.py)"
     )

@@ -9,7 +9,7 @@ the active pair count, as QEMU's do.
 
 The driver's offer: VERSION_1, CSUM (the tap's partial checksums go to the
 stack as NEEDS_CSUM), GUEST_CSUM, and MQ with more than one pair.  No merged
-RX buffers: every buffer holds the largest frame (the stack's MTU).
+RX buffers: every buffer holds the largest frame a tap can carry.
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ from trionet.vhost_user.replies import ReplyDecoder
 
 log = logging.getLogger(__name__)
 
-QSIZE = 256
+QSIZE = 128  # x 64 KiB buffers per ring: 8 MiB in flight each way
 BATCH = 64
 PAGE = 4096
 UVA_BASE = 0x7E00_0000_0000  # the "user address" of offset 0 in the SET_MEM_TABLE region
 PROTOCOL = ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
 HDR_LEN = 12
 ETH_MAX_HDR = 18  # Ethernet header with a VLAN tag
+MAX_MTU = 65535  # a tap's largest: buffers hold any frame, whatever MTU the namespace sets
 
 
 class FrontendError(Exception):
@@ -80,11 +81,15 @@ def layout(pairs: int, qsize: int, buf_size: int) -> tuple[int, list[tuple[RingA
 
 
 class NetnsFrontend:
-    def __init__(self, taps: list[int], *, mtu: int, qsize: int = QSIZE) -> None:
+    """Owns the tap queue fds it is given: ``run`` closes them when it ends."""
+
+    def __init__(self, taps: list[int], *, qsize: int = QSIZE) -> None:
         self.taps = taps
         self.pairs = len(taps)
         self.qsize = qsize
-        self.buf_size = _align(HDR_LEN + ETH_MAX_HDR + mtu, 64)
+        # Sized for the tap's largest frame, not the stack's MTU: root in the
+        # namespace may raise the tap's.  Pages are only touched as frames fill them.
+        self.buf_size = _align(HDR_LEN + ETH_MAX_HDR + MAX_MTU, 64)
         self.size, self.rings = layout(self.pairs, qsize, self.buf_size)
         self.replies = ReplyDecoder()
         self.drivers: list[Any] = []  # struct tn_nsdrv *, per pair
@@ -253,8 +258,15 @@ class NetnsFrontend:
             for trio_fds in fds:
                 for fd in trio_fds:
                     os.close(fd)
+            for fd in self.taps:  # every driver loop has returned: the tap goes away
+                os.close(fd)
+            self.taps = []
 
     def status(self) -> list[dict[str, int]]:
-        """Per pair: frames and bytes each way, tap write failures, kicks, wake-ups."""
-        names = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "rx_errors", "kicks", "wakeups")
+        """Per pair: frames and bytes each way, tap read and write failures (frames
+        dropped), kicks, wake-ups."""
+        names = (
+            *("tx_frames", "tx_bytes", "tx_errors", "rx_frames", "rx_bytes", "rx_errors"),
+            *("kicks", "wakeups"),
+        )
         return [{k: int(getattr(d.stats, k)) for k in names} for d in self.drivers]

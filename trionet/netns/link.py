@@ -11,6 +11,7 @@ partial (``TUN_F_CSUM``): the user stack takes them as a VM's NEEDS_CSUM.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class LinkPlan:
     mtu: int
     address: ipaddress.IPv4Interface | None  # None: leave IPv4 to the namespace (DHCP)
     gateway: ipaddress.IPv4Address | None
+    mac: bytes | None = None  # the tap's MAC (--mac); None: the kernel's random one
 
 
 def _check(rc: int, what: str) -> int:
@@ -59,13 +61,17 @@ def open_taps(plan: LinkPlan) -> list[int]:
     return fds
 
 
-def configure(plan: LinkPlan) -> None:
+def configure(plan: LinkPlan) -> bytes:
+    """Configure the tap; its MAC (the stack addresses the namespace with it
+    from the start, before the namespace sent a frame)."""
     what = f"configure {plan.ifname} in the namespace"
     try:
         with IPRoute() as ipr:
             for lo in ipr.link_lookup(ifname="lo"):
                 ipr.link("set", index=lo, state="up")
             (idx,) = ipr.link_lookup(ifname=plan.ifname)
+            if plan.mac is not None:
+                ipr.link("set", index=idx, address=plan.mac.hex(":"))
             ipr.link("set", index=idx, mtu=plan.mtu)
             ipr.link("set", index=idx, state="up")
             if plan.address is not None:
@@ -77,18 +83,30 @@ def configure(plan: LinkPlan) -> None:
                 )
                 if plan.gateway is not None:
                     ipr.route("add", dst="0.0.0.0/0", gateway=str(plan.gateway), oif=idx)
+            (msg,) = ipr.link("get", index=idx)
+            return bytes.fromhex(str(msg.get_attr("IFLA_ADDRESS")).replace(":", ""))
     except NetlinkError as err:
         code = int(getattr(err, "code", 0) or 5)
         raise OSError(code, f"{what}: {os.strerror(code)}") from err
 
 
-def make(plan: LinkPlan) -> list[int]:
-    """Open and configure: the tap's queue fds."""
+def exists(ifname: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
+def make(plan: LinkPlan) -> tuple[list[int], bytes]:
+    """Open and configure: the tap's queue fds and its MAC.  A link of that name already
+    there is refused: opening it would attach queues to another trionet's tap."""
+    if exists(plan.ifname):
+        raise FileExistsError(
+            errno.EEXIST, f"{plan.ifname} exists in the namespace (served already?)"
+        )
     fds = open_taps(plan)
     try:
-        configure(plan)
+        mac = configure(plan)
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    return fds
+    return fds, mac

@@ -227,20 +227,24 @@ async def _netns_frontend(args: argparse.Namespace, backend: UserBackend) -> Net
         mtu=backend.cfg.mtu,
         address=ipaddress.IPv4Interface(f"{v4.address}/{v4.prefix_len}") if v4 else None,
         gateway=ipaddress.IPv4Address(str(v4.gateway)) if v4 else None,
+        mac=backend.cfg.guest_mac,
     )
     try:
         inside = namespace.run_inside
-        taps = await trio.to_thread.run_sync(inside, args.netns_fd, lambda: make(plan))
+        taps, mac = await trio.to_thread.run_sync(inside, args.netns_fd, lambda: make(plan))
     except OSError as exc:
         raise ConfigError(f"--netns {args.netns}: {exc}") from None
     finally:
         os.close(args.netns_fd)
+    # Known from the start: a forward's SYN to a namespace that has not sent a
+    # frame yet must not go to the broadcast address (its kernel drops it).
+    backend.stack.guest_mac = mac
     logging.getLogger("trionet").info(
-        "namespace %s: %s with %d queue(s), MTU %d%s",
-        args.netns, plan.ifname, plan.queues, plan.mtu,
+        "namespace %s: %s (%s) with %d queue(s), MTU %d%s",
+        args.netns, plan.ifname, mac.hex(":"), plan.queues, plan.mtu,
         f", {plan.address} via {plan.gateway}" if plan.address else "",
     )  # fmt: skip
-    return NetnsFrontend(taps, mtu=backend.cfg.mtu)
+    return NetnsFrontend(taps)
 
 
 def status_main(argv: Sequence[str]) -> int:

@@ -214,7 +214,8 @@ class Service:
             self.rings_broken_before += session.rings_broken
             self._changed()
             self._count_end(session)
-            log.info("session ended; waiting for the next VMM connection")
+            if self.config.frontend is None:
+                log.info("session ended; waiting for the next VMM connection")
 
     async def _swap_fds(self, old: list[int]) -> None:
         """The backend has new host fds (a tap re-created): restart the pairs on
@@ -230,6 +231,8 @@ class Service:
             os.close(fd)
 
     def _count_end(self, session: Session) -> None:
+        if self.config.frontend is not None:
+            return  # our own front end: no VMM lost (its failure ends the service)
         if session.error is not None:
             self.faults.vmm_errors += 1
         running = sum(1 for vr in session.proto.vrings if vr.started)
