@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from trionet.native import ffi, lib
+from trionet.nativethread import run_native
 from trionet.net import features as F
 from trionet.vhost_user import messages as m
 from trionet.vhost_user.constants import ProtocolFeature
@@ -199,24 +200,7 @@ class NetnsFrontend:
     async def _drive(self, p: int, d: Any) -> None:
         """Pair ``p``'s driver loop on a thread, stopped through its stop eventfd
         (and joined, shielded) when this task is cancelled."""
-        stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        d.stop_fd = stop
-        rc = 0
-        try:
-            async with trio.open_nursery() as nursery:
-
-                async def stopper() -> None:
-                    try:
-                        await trio.sleep_forever()
-                    finally:
-                        os.eventfd_write(stop, 1)
-
-                nursery.start_soon(stopper)
-                with trio.CancelScope(shield=True):
-                    rc = await trio.to_thread.run_sync(lib.tn_nsdrv_run, d)
-                nursery.cancel_scope.cancel()
-        finally:
-            os.close(stop)
+        rc = await run_native(lib.tn_nsdrv_run, d)
         if rc < 0:
             raise FrontendError(f"queue pair {p}: driver loop: {os.strerror(-rc)}")
 

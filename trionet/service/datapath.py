@@ -21,6 +21,7 @@ import trio
 from trionet.errors import RingError
 from trionet.memory import GuestMemory
 from trionet.native import ffi, lib
+from trionet.nativethread import run_native
 from trionet.net import features as F
 from trionet.service.counters import PairCounters
 from trionet.virtq.vring import DEVICE_READS, Vring
@@ -358,24 +359,7 @@ async def run_worker(ctx: PairContext, *, tx_live: bool, rx_live: bool, tap_fd: 
     frame = ctx.generated_frame() if ctx.generate is not None and tap_fd is None else None
     if frame is not None:
         io.gen, io.gen_len = frame, len(frame)
-    stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    rc = 0
-    try:
-        async with trio.open_nursery() as nursery:
-
-            async def stopper() -> None:
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    os.eventfd_write(stop, 1)
-
-            nursery.start_soon(stopper)
-            io.stop_fd = stop
-            with trio.CancelScope(shield=True):
-                rc = await trio.to_thread.run_sync(lib.tn_pair_run, io, limiter=_WORKERS)
-            nursery.cancel_scope.cancel()
-    finally:
-        os.close(stop)
+    rc = await run_native(lib.tn_pair_run, io, limiter=_WORKERS)
     if rc < 0:
         vr = ctx.rx if io.error_ring else ctx.tx
         try:
@@ -426,23 +410,14 @@ async def run_user_worker(
     io.hdr_len, io.batch, io.spin_ns = ctx.hdr_len, BATCH, SPIN_NS_WORKER
     io.pair, io.mrg = p, ctx.mrg
     io.data_valid = 1 if F.has(ctx.features, F.GUEST_CSUM) else 0
-    fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(3)]
-    io.stop_fd, io.slow_fd, io.resume_fd = fds
+    fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2)]
+    io.slow_fd, io.resume_fd = fds
     rc = 0
     stack.rx_served[p] += rx_live
     try:
         async with trio.open_nursery() as nursery:
-
-            async def stopper() -> None:
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    os.eventfd_write(io.stop_fd, 1)
-
-            nursery.start_soon(stopper)
             nursery.start_soon(_user_slow, io, stack, slow)
-            with trio.CancelScope(shield=True):
-                rc = await trio.to_thread.run_sync(lib.tn_user_pair_run, io, limiter=_WORKERS)
+            rc = await run_native(lib.tn_user_pair_run, io, limiter=_WORKERS)
             nursery.cancel_scope.cancel()
     finally:
         stack.rx_served[p] -= rx_live
