@@ -1,4 +1,5 @@
-"""A native loop on its own thread, owned by the Trio task that runs it.
+"""A native loop on its own thread, owned by the Trio task that runs it; and
+waiting on the eventfds such loops write.
 
 The C loops (a pair's worker, a namespace's driver) run with the GIL
 released and sleep in epoll on their fds, one of them a stop eventfd.  The
@@ -40,3 +41,12 @@ async def run_native(
     finally:
         os.close(stop)
     return rc
+
+
+async def wait_eventfd(fd: int) -> int:
+    """Until the (non-blocking) eventfd ``fd`` was written; its count, consumed."""
+    while True:
+        try:
+            return os.eventfd_read(fd)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)

@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from trionet.native import ffi, lib
-from trionet.nativethread import run_native
+from trionet.nativethread import run_native, wait_eventfd
 from trionet.net import features as F
 from trionet.vhost_user import messages as m
 from trionet.vhost_user.constants import ProtocolFeature
@@ -205,13 +205,8 @@ class NetnsFrontend:
             raise FrontendError(f"queue pair {p}: driver loop: {os.strerror(-rc)}")
 
     async def _watch_err(self, index: int, fd: int) -> None:
-        while True:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-                continue
-            raise FrontendError(f"the device reported ring {index} broken")
+        await wait_eventfd(fd)
+        raise FrontendError(f"the device reported ring {index} broken")
 
     async def run(
         self,

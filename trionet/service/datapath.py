@@ -21,7 +21,7 @@ import trio
 from trionet.errors import RingError
 from trionet.memory import GuestMemory
 from trionet.native import ffi, lib
-from trionet.nativethread import run_native
+from trionet.nativethread import run_native, wait_eventfd
 from trionet.net import features as F
 from trionet.service.counters import PairCounters
 from trionet.virtq.vring import DEVICE_READS, Vring
@@ -373,11 +373,7 @@ async def _user_slow(io: Any, stack: UserStack, slow: SlowFrames) -> None:
     over in ``slow`` and give the buffer back; read the flows' socket errors."""
     fd = int(io.slow_fd)
     while True:
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(fd)
-            continue
+        await wait_eventfd(fd)
         if lib.tn_user_pair_handed(io):
             stack.take_slow(slow)
             lib.tn_user_pair_resume(io)
