@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.frontend import Frontend
 from tests.unit.test_session_loop import HDR, wait_used
-from trionet.service.metrics import answer, make_registry, serve_metrics
+from trionet.service.metrics import answer, families, make_registry, serve_metrics
 from trionet.service.metricsaddr import MetricsAddress, MetricsSpecError
 from trionet.service.server import Service
 from trionet.service.statusfmt import format_table
@@ -157,3 +157,28 @@ async def test_status_table(frontend: Frontend, loop_service: Service) -> None:
     assert header.split()[:3] == ["pair", "on", "rx"]
     rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["0", "1", "2", "3"]
+
+
+def test_a_namespace_services_tap_counters_are_exported() -> None:
+    st = {
+        "pairs": [],
+        "netns": {
+            "pairs": [
+                {"tx_frames": 5, "tx_bytes": 500, "tx_errors": 1, "rx_frames": 7,
+                 "rx_bytes": 700, "rx_errors": 2, "kicks": 3, "wakeups": 4},
+                {"tx_frames": 9, "tx_bytes": 900, "tx_errors": 0, "rx_frames": 0,
+                 "rx_bytes": 0, "rx_errors": 0, "kicks": 0, "wakeups": 0},
+            ]
+        },
+    }  # fmt: skip
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in families(st)
+        for s in fam.samples
+    }
+    assert got[("trionet_netns_frames_total", (("direction", "tx"), ("pair", "0")))] == 5
+    assert got[("trionet_netns_bytes_total", (("direction", "rx"), ("pair", "0")))] == 700
+    assert got[("trionet_netns_tap_errors_total", (("direction", "rx"), ("pair", "0")))] == 2
+    assert got[("trionet_netns_frames_total", (("direction", "tx"), ("pair", "1")))] == 9
+    # a VM's service has no such families
+    assert not [f for f in families({"pairs": []}) if f.name.startswith("trionet_netns")]

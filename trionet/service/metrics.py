@@ -138,6 +138,26 @@ def families(st: dict[str, Any]) -> list[Metric]:
     out.append(GaugeMetricFamily("trionet_draining", "1 while draining for shutdown",
                                  value=1 if st.get("draining") else 0))  # fmt: skip
     out.extend(_flow_families(st))
+    out.extend(_netns_families(st))
+    return out
+
+
+def _netns_families(st: dict[str, Any]) -> list[Metric]:
+    """--netns: the driver loops' tap counters (tx: tap -> stack, rx: stack -> tap)."""
+    netns = st.get("netns")
+    if netns is None:
+        return []
+    out: list[Metric] = []
+    for name, key, doc in (
+        ("frames", "frames", "frames between the namespace's tap and the rings"),
+        ("bytes", "bytes", "bytes between the namespace's tap and the rings"),
+        ("tap_errors", "errors", "tap reads or writes that failed (the frame dropped)"),
+    ):
+        fam = CounterMetricFamily(f"trionet_netns_{name}", doc, labels=["pair", "direction"])
+        for index, p in enumerate(netns.get("pairs", [])):
+            for direction in ("tx", "rx"):
+                fam.add_metric([str(index), direction], p.get(f"{direction}_{key}", 0))
+        out.append(fam)
     return out
 
 
