@@ -126,7 +126,7 @@ async def _measure(
             status, out = await guest.run(cmd, timeout=seconds + omit + 30)
         if status != 0:
             raise bl.BenchError(f"iperf3 in the guest exited {status}: {out[-1500:]}")
-        row.gbps, row.min_gbps, row.retransmits = ut.iperf_result(out)
+        row.gbps, row.min_gbps, row.max_gbps, row.retransmits = ut.iperf_result(out)
         if len(samples) == 2 and samples[0] and samples[1] and samples[1][1] > samples[0][1]:
             row.stack_cpu = (samples[1][0] - samples[0][0]) / (samples[1][1] - samples[0][1])
         for proc in watched:

@@ -15,6 +15,8 @@ namespace, pinned to CPU 1 (the server too):
   gbps       receiver's Gbit/s (iperf3 sum_received, omitted seconds excluded).
   min_1s     the slowest 1 s interval's Gbit/s (near 0: the connection stalled; Debian
              bookworm's pasta, 0.0~git20230309, stalls this way guest -> host here).
+  max_1s     the fastest 1 s interval's Gbit/s (for a stack that stalls: what it
+             carries while it does not).
   retrans    the sender's retransmits.
   stack_cpu  CPU time of the stack's process (all threads) over the run / its length.
   vs_passt   trionet gbps / pasta's (pasta is passt's namespace mode), same direction.
@@ -52,6 +54,7 @@ class UserTcpRow:
     seconds: float
     gbps: float | None = None
     min_gbps: float | None = None  # slowest 1 s interval after the omitted ones
+    max_gbps: float | None = None  # fastest one
     retransmits: int | None = None
     stack_cpu: float | None = None
     vs_passt: float | None = None
@@ -65,9 +68,9 @@ def free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def iperf_result(text: str) -> tuple[float, float | None, int | None]:
-    """(receiver Gbit/s, slowest interval's Gbit/s, sender retransmits) from iperf3 -J
-    output."""
+def iperf_result(text: str) -> tuple[float, float | None, float | None, int | None]:
+    """(receiver Gbit/s, slowest and fastest interval's Gbit/s, sender retransmits) from
+    iperf3 -J output."""
     data = json.loads(text[text.index("{") : text.rindex("}") + 1])
     if "error" in data:
         raise bl.BenchError(f"iperf3: {data['error']}")
@@ -78,8 +81,8 @@ def iperf_result(text: str) -> tuple[float, float | None, int | None]:
         for iv in data.get("intervals", [])
         if not iv["sum"].get("omitted") and float(iv["sum"]["seconds"]) > 0.5
     ]
-    low = min(rates) if rates else None
-    return float(end["sum_received"]["bits_per_second"]) / 1e9, low, retr
+    low, high = (min(rates), max(rates)) if rates else (None, None)
+    return float(end["sum_received"]["bits_per_second"]) / 1e9, low, high, retr
 
 
 def ratios(rows: Sequence[UserTcpRow]) -> None:
@@ -122,7 +125,7 @@ def _measure(stack: benchudp._Stack, direction: str, seconds: float, omit: int) 
         text = "\n".join(ln.text for ln in client.snapshot())
         if code != 0:
             raise bl.BenchError(f"iperf3 client exited with {code}:\n{client.tail()}")
-        row.gbps, row.min_gbps, row.retransmits = iperf_result(text)
+        row.gbps, row.min_gbps, row.max_gbps, row.retransmits = iperf_result(text)
         if cpu0 is not None and cpu1 is not None and cpu1[1] > cpu0[1]:
             row.stack_cpu = (cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1])
         for proc in stack.watched:
@@ -199,7 +202,8 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
 
 
 def print_table(rows: Sequence[UserTcpRow], what: str = "stack") -> None:
-    hdr = f"{what:<11} {'dir':<3} {'gbps':>7} {'min_1s':>7} {'retrans':>7} {'stk_cpu':>7} "
+    hdr = f"{what:<11} {'dir':<3} {'gbps':>7} {'min_1s':>7} {'max_1s':>7} {'retrans':>7} "
+    hdr += f"{'stk_cpu':>7} "
     hdr += f"{'vs_passt':>8} {'vs_slirp':>8}"
     print(hdr)
     print("-" * len(hdr))
@@ -210,8 +214,9 @@ def print_table(rows: Sequence[UserTcpRow], what: str = "stack") -> None:
             continue
         print(
             lead
-            + f"{fmt(r.gbps, '.3f'):>7} {fmt(r.min_gbps, '.3f'):>7} {fmt(r.retransmits, 'd'):>7} "
-            f"{fmt(r.stack_cpu):>7} {fmt(r.vs_passt):>8} {fmt(r.vs_slirp):>8}"
+            + f"{fmt(r.gbps, '.3f'):>7} {fmt(r.min_gbps, '.3f'):>7} {fmt(r.max_gbps, '.3f'):>7} "
+            f"{fmt(r.retransmits, 'd'):>7} {fmt(r.stack_cpu):>7} {fmt(r.vs_passt):>8} "
+            f"{fmt(r.vs_slirp):>8}"
         )
 
 

@@ -182,3 +182,10 @@ def test_a_namespace_services_tap_counters_are_exported() -> None:
     assert got[("trionet_netns_frames_total", (("direction", "tx"), ("pair", "1")))] == 9
     # a VM's service has no such families
     assert not [f for f in families({"pairs": []}) if f.name.startswith("trionet_netns")]
+
+
+def test_the_table_shows_a_namespaces_tap_counters() -> None:
+    pair = {"tx_frames": 1_234_567, "tx_errors": 2, "rx_frames": 89, "rx_errors": 0}
+    table = format_table({"pairs": [], "netns": {"pairs": [pair]}})
+    assert "netns pair 0: tap->stack 1.2M frames (2 errors), stack->tap 89 frames" in table
+    assert "netns" not in format_table({"pairs": []})

@@ -50,6 +50,18 @@ def _forwards(fw: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _netns(ns: dict[str, Any] | None) -> list[str]:
+    """--netns: one line per pair's tap counters."""
+    if ns is None:
+        return []
+    return [
+        f"netns pair {i}: tap->stack {_cell(p.get('tx_frames', 0))} frames "
+        f"({p.get('tx_errors', 0)} errors), stack->tap {_cell(p.get('rx_frames', 0))} frames "
+        f"({p.get('rx_errors', 0)} errors)"
+        for i, p in enumerate(ns.get("pairs", []))
+    ]
+
+
 def format_table(st: dict[str, Any]) -> str:
     head = [
         f"vm {st.get('vm') or '-'}",
@@ -68,6 +80,7 @@ def format_table(st: dict[str, Any]) -> str:
         flows = "  ".join(f"{p} {by.get(p, 0)}" for p in ("tcp", "udp", "icmp"))
         lines.append(f"flows: {flows}  stack drops {user.get('drops', 0)}")
         lines.extend(_forwards(user.get("forwards")))
+    lines.extend(_netns(st.get("netns")))
     rows = [[title for title, _ in _COLUMNS]]
     for p in st.get("pairs", []):
         rows.append([_cell(p.get(key, 0)) for _, key in _COLUMNS])
