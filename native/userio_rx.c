@@ -12,6 +12,7 @@
 #include "netsum.h"
 #include "virtq.h"
 #include "userio.h"
+#include "userpair.h"
 #include "usertcp.h"
 #include "internal/userio_impl.h"
 
@@ -55,7 +56,7 @@ static uint32_t rx_headers(struct rx_ctx *c, struct tn_uflow *f, const struct io
     uint32_t hl = c->hdr_len, tl = f->tmpl_len;
     uint16_t ulen = (uint16_t)(UDP_LEN + dlen);
     memset(hb, 0, hl);
-    if (c->data_valid)
+    if (c->data_valid & TN_RX_DATA_VALID)
         hb[0] = VNET_F_DATA_VALID;
     if (hl >= 12)
         hb[10] = 1;  /* num_buffers (little-endian), tn_rx_finish sets it for merged buffers */

@@ -169,15 +169,19 @@ static int append(struct tn_uoutq *q, uint8_t *buf, uint32_t len)
 }
 
 int tn_uout_put_tcp_locked(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
-                           uint16_t window, uint8_t flags, uint32_t len, uint32_t mss)
+                           uint16_t window, uint8_t flags, uint32_t len, uint32_t seg,
+                           uint32_t mss)
 {
-    if (len == 0 || mss == 0 || mss > TN_MAX_FRAME)
+    if (len == 0 || mss == 0 || mss > TN_MAX_FRAME || seg < mss)
+        return -EINVAL;
+    if (seg > mss && seg > TN_TCP_SEG_MAX)
         return -EINVAL;
     int queued = 0;
-    for (uint32_t off = 0; off < len; off += mss) {
-        uint32_t chunk = len - off < mss ? len - off : mss;
+    for (uint32_t off = 0; off < len; off += seg) {
+        uint32_t chunk = len - off < seg ? len - off : seg;
         uint8_t f = off + chunk < len ? (uint8_t)(flags & ~TN_TCP_PSH) : flags;
-        struct tn_tcp_entry *e = tn_tcp_entry_new(c, seq + off, ack, window, f, chunk);
+        uint16_t gso = chunk > mss ? (uint16_t)mss : 0;
+        struct tn_tcp_entry *e = tn_tcp_entry_new(c, seq + off, ack, window, f, chunk, gso);
         if (e == NULL)
             return queued ? queued : -ENOMEM;
         if (append(q, (uint8_t *)e, TN_UOUT_LAZY | chunk))
@@ -189,10 +193,10 @@ int tn_uout_put_tcp_locked(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, 
 }
 
 int tn_uout_put_tcp(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
-                    uint16_t window, uint8_t flags, uint32_t len, uint32_t mss)
+                    uint16_t window, uint8_t flags, uint32_t len, uint32_t seg, uint32_t mss)
 {
     pthread_mutex_lock(qlock(q));
-    int queued = tn_uout_put_tcp_locked(q, c, seq, ack, window, flags, len, mss);
+    int queued = tn_uout_put_tcp_locked(q, c, seq, ack, window, flags, len, seg, mss);
     pthread_mutex_unlock(qlock(q));
     return queued;
 }
@@ -303,7 +307,7 @@ int tn_uout_drain(struct tn_uoutq *q, struct tn_vq *vq, const struct tn_mem *m, 
         } else if (!drop) {
             uint8_t *hdr = buf + HEADROOM - hdr_len;
             memset(hdr, 0, hdr_len);
-            if (data_valid && hdr_len > 0)
+            if ((data_valid & TN_RX_DATA_VALID) && hdr_len > 0)
                 hdr[0] = VNET_F_DATA_VALID;
             rc = tn_rx_fill(vq, m, mrg, hdr_len, hdr, hdr_len + len, 1, s, &one);
         }

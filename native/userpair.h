@@ -31,6 +31,12 @@ struct tn_pair_stats;
 
 #define TN_UOUT_FRAMES 1024
 
+/* What the guest's driver takes on RX (the drains' data_valid argument):
+ * DATA_VALID frames (GUEST_CSUM), TCP GSO frames (GUEST_TSO4, GUEST_TSO6). */
+#define TN_RX_DATA_VALID 1
+#define TN_RX_TSO4 2
+#define TN_RX_TSO6 4
+
 struct tn_uoutq {
     void *lock;               /* its mutex (tn_uout_init allocates it) */
     int32_t wake_fd;          /* eventfd, the caller's: readable while frames wait */
@@ -68,7 +74,8 @@ int tn_uout_pop(struct tn_uoutq *q, uint8_t *buf, uint32_t cap);
  * rest, for want of room in to, are dropped and counted there). */
 uint32_t tn_uout_move(struct tn_uoutq *from, struct tn_uoutq *to);
 /* Lay up to max frames into the RX ring, oldest first, behind a virtio-net
- * header (flags DATA_VALID when data_valid; num_buffers when hdr_len >= 12);
+ * header (flags DATA_VALID when data_valid has TN_RX_DATA_VALID; num_buffers
+ * when hdr_len >= 12; TCP data entries as GSO frames with TN_RX_TSO4/6);
  * each frame is published as it is laid.  b->ring_full: the next frame did not
  * fit (it stays queued); b->fd_blocked: the queue is empty.  A frame that
  * even every buffer of the ring would not hold is dropped
@@ -87,7 +94,8 @@ void tn_uout_unlock(struct tn_uoutq *q);
 uint32_t tn_uout_room_locked(const struct tn_uoutq *q);
 int tn_uout_put_locked(struct tn_uoutq *q, const uint8_t *frame, uint32_t len);
 int tn_uout_put_tcp_locked(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
-                           uint16_t window, uint8_t flags, uint32_t len, uint32_t mss);
+                           uint16_t window, uint8_t flags, uint32_t len, uint32_t seg,
+                           uint32_t mss);
 /* cdef-end */
 
 struct tn_upair_io {

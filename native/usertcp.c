@@ -15,6 +15,7 @@
 
 #include "netsum.h"
 #include "virtq.h"
+#include "userpair.h"
 #include "usertcp.h"
 #include "internal/usertcp_impl.h"
 
@@ -24,7 +25,10 @@
 #ifndef SIOCINQ
 #define SIOCINQ 0x541B            /* FIONREAD */
 #endif
+#define VNET_F_NEEDS_CSUM 1
 #define VNET_F_DATA_VALID 2
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
 #define DISCARD_MAX (1u << 24)    /* the fallback's peek skips at most this (16 MiB) */
 #define MAX_IOV 1024
 
@@ -202,13 +206,14 @@ int64_t tn_tcpc_consume(struct tn_tcpc *c, uint32_t n)
 /* ---- data entries ---------------------------------------------------------------- */
 
 struct tn_tcp_entry *tn_tcp_entry_new(struct tn_tcpc *c, uint32_t seq, uint32_t ack,
-                                      uint16_t window, uint8_t flags, uint32_t len)
+                                      uint16_t window, uint8_t flags, uint32_t len,
+                                      uint16_t gso)
 {
     struct tn_tcp_entry *e = malloc(sizeof(*e));
     if (e == NULL)
         return NULL;
     __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
-    *e = (struct tn_tcp_entry){c, seq, ack, len, window, flags};
+    *e = (struct tn_tcp_entry){c, seq, ack, len, window, len > gso ? gso : 0, flags};
     return e;
 }
 
@@ -245,9 +250,10 @@ static int64_t entry_skip(struct tn_tcp_entry *e, uint32_t *seq, uint32_t *len)
 }
 
 /* Fill the headers (hb: tmpl_len bytes, a copy of the template) for len
- * payload bytes summing to psum. */
-void tn_tcp_headers(const struct tn_tcp_entry *e, uint8_t *hb, uint32_t tl, uint32_t seq,
-                    uint32_t len, uint64_t psum)
+ * payload bytes summing to psum; partial: the TCP checksum field holds the
+ * pseudo-header's sum only, for the guest to complete (NEEDS_CSUM). */
+static void headers(const struct tn_tcp_entry *e, uint8_t *hb, uint32_t tl, uint32_t seq,
+                    uint32_t len, uint64_t psum, int partial)
 {
     uint8_t *ip = hb + ETH_LEN, *th;
     int v6 = tl == ETH_LEN + V6_LEN + TCP_LEN;
@@ -278,9 +284,36 @@ void tn_tcp_headers(const struct tn_tcp_entry *e, uint8_t *hb, uint32_t tl, uint
     th[14] = (uint8_t)(e->window >> 8);
     th[15] = (uint8_t)e->window;
     th[16] = th[17] = th[18] = th[19] = 0;
+    if (partial) {
+        uint16_t ck = (uint16_t)ns_fold(acc);
+        memcpy(th + 16, &ck, 2);
+        return;
+    }
     acc = ns_sum_le(th, TCP_LEN, acc) + psum;
     uint16_t ck = (uint16_t)~ns_fold(acc);
     memcpy(th + 16, &ck, 2);
+}
+
+void tn_tcp_headers(const struct tn_tcp_entry *e, uint8_t *hb, uint32_t tl, uint32_t seq,
+                    uint32_t len, uint64_t psum)
+{
+    headers(e, hb, tl, seq, len, psum, 0);
+}
+
+/* The guest takes len bytes of e as one GSO frame: a longer one than its
+ * segment size, of a family the guest takes TSO for. */
+static int as_gso(const struct tn_tcp_entry *e, uint32_t tl, int rx_flags, uint32_t len)
+{
+    int v6 = tl == ETH_LEN + V6_LEN + TCP_LEN;
+    return e->gso && len > e->gso && (rx_flags & (v6 ? TN_RX_TSO6 : TN_RX_TSO4));
+}
+
+/* The bytes of e a frame carries: all of len, or, for a GSO entry the guest
+ * cannot take as one (TSO off since it was queued), one segment's worth
+ * (the rest is retransmitted). */
+static uint32_t wire_len(const struct tn_tcp_entry *e, uint32_t tl, int rx_flags, uint32_t len)
+{
+    return e->gso && len > e->gso && !as_gso(e, tl, rx_flags, len) ? e->gso : len;
 }
 
 /* Where each frame of a batch lies in the scratch: its chains and iovecs,
@@ -299,13 +332,22 @@ static uint32_t lay_headers(const struct tn_tcp_entry *e, struct tn_scratch *s,
     uint32_t tl = c->tmpl_len;
     const struct iovec *iov = s->iov + f->iov0;
     uint8_t hb[VNET_HDR_MAX + TN_TCPC_TMPL_MAX];
+    int gso = hdr_len >= 10 && as_gso(e, tl, data_valid, len);
+    len = wire_len(e, tl, data_valid, len);
     memset(hb, 0, hdr_len);
-    if (data_valid && hdr_len > 0)
+    if ((data_valid & TN_RX_DATA_VALID) && hdr_len > 0)
         hb[0] = VNET_F_DATA_VALID;
+    if (gso) {  /* virtio_net_hdr: NEEDS_CSUM, TCPV4/6, hdr_len, gso_size, csum_start/offset */
+        int v6 = tl == ETH_LEN + V6_LEN + TCP_LEN;
+        uint16_t fields[4] = {(uint16_t)tl, e->gso, (uint16_t)(tl - TCP_LEN), 16};
+        hb[0] = VNET_F_NEEDS_CSUM;
+        hb[1] = v6 ? VNET_GSO_TCPV6 : VNET_GSO_TCPV4;
+        memcpy(hb + 2, fields, sizeof fields);  /* little endian, as the host */
+    }
     if (hdr_len >= 12)
         hb[10] = 1;  /* num_buffers: tn_rx_finish_at sets it for merged buffers */
     memcpy(hb + hdr_len, c->tmpl, tl);
-    tn_tcp_headers(e, hb + hdr_len, tl, seq, len, ns_sum_iov(pl + f->pl0, f->npl, len, 0));
+    headers(e, hb + hdr_len, tl, seq, len, gso ? 0 : ns_sum_iov(pl + f->pl0, f->npl, len, 0), gso);
     ns_iov_put(iov, f->niov, 0, hb, hdr_len + tl);
     uint32_t frame = tl + len;
     if (frame < MIN_FRAME) {
@@ -422,7 +464,7 @@ int tn_tcp_entry_flat(struct tn_tcp_entry *e, uint8_t *buf, uint32_t cap)
         count(skip < 0 ? &stats.stale : &stats.peek_errors);
         return -1;
     }
-    len = (uint32_t)got;
+    len = wire_len(e, tl, 0, (uint32_t)got);  /* flat frames carry no GSO header */
     memcpy(buf, c->tmpl, tl);
     tn_tcp_headers(e, buf, tl, seq, len, ns_sum_le(buf + tl, len, 0));
     count(&stats.laid);

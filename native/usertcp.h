@@ -125,6 +125,9 @@ void tn_tcpc_pause(struct tn_tcpc *c, struct tn_tcpc_sync *out);
 struct tn_tcpc_state {
     uint32_t rcv_nxt, snd_una, snd_nxt, rcv_edge;
     uint32_t mss;                 /* largest segment to the guest */
+    uint32_t seg;                 /* payload per frame: mss, or up to TN_TCP_SEG_MAX
+                                     (a GSO frame of mss-byte segments) for a guest
+                                     that takes TSO for the connection's family */
     uint32_t max_snd_wnd;         /* the largest window the guest offered, bytes */
     uint16_t window_field;        /* the guest's last window field */
     uint16_t our_field;           /* the window field last advertised to the guest */
@@ -167,13 +170,19 @@ uint64_t tn_ttable_host_ready(const struct tn_ttable *t);
 #define TN_TCP_OUTBOX_RESERVE 64
 #define TN_TCP_PUSH_BURST 256
 
+/* A GSO frame's payload at most: its frame (IPv6 headers, a 12-byte
+ * virtio-net header) fits TN_MAX_FRAME, and IPv4's total length 16 bits. */
+#define TN_TCP_SEG_MAX 65476
+
 /* Queue data entries for len bytes (> 0) at sequence number seq of c's
- * stream, one per segment of at most mss bytes, with ack and the window field
- * as given; flags on the last segment, without PSH on the others.  Returns how
- * many were queued (those that found the queue full are counted in dropped),
- * -EINVAL or -ENOMEM. */
+ * stream, one per frame of at most seg bytes, with ack and the window field
+ * as given; flags on the last frame, without PSH on the others.  A frame
+ * longer than mss goes to the guest as one GSO frame of mss-byte segments
+ * (the guest took TSO: the drain's TN_RX_TSO4/6), else only its first mss
+ * bytes go.  Returns how many were queued (those that found the queue full
+ * are counted in dropped), -EINVAL or -ENOMEM. */
 int tn_uout_put_tcp(struct tn_uoutq *q, struct tn_tcpc *c, uint32_t seq, uint32_t ack,
-                    uint16_t window, uint8_t flags, uint32_t len, uint32_t mss);
+                    uint16_t window, uint8_t flags, uint32_t len, uint32_t seg, uint32_t mss);
 
 /* cdef-skip */
 /* For the outbox (userpair.c): a data entry, flagged in the outbox's len[]. */
@@ -183,9 +192,11 @@ struct tn_vq;
 struct tn_mem;
 struct tn_scratch;
 struct tn_tcp_entry;
-/* A data entry holding a reference to c; NULL when out of memory. */
+/* A data entry holding a reference to c; NULL when out of memory.  gso: the
+ * segment size when len is longer (one GSO frame), else 0. */
 struct tn_tcp_entry *tn_tcp_entry_new(struct tn_tcpc *c, uint32_t seq, uint32_t ack,
-                                      uint16_t window, uint8_t flags, uint32_t len);
+                                      uint16_t window, uint8_t flags, uint32_t len,
+                                      uint16_t gso);
 void tn_tcp_entry_free(struct tn_tcp_entry *e);
 /* Lay entries es[0..n) of one connection, each continuing the previous
  * one's bytes, into the RX ring with one peek (at most TN_TCP_LAY_BATCH;

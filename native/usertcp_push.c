@@ -82,7 +82,7 @@ static int pushable(const struct tn_tcpc *c) { return c->push && c->fast && c->f
  * Python's retransmission timer off, which Python then arms). */
 static int push_locked(struct tn_ttable *t, struct tn_tcpc *c, struct tn_uoutq *q)
 {
-    uint32_t inflight = c->snd_nxt - c->snd_una, mss = c->mss;
+    uint32_t inflight = c->snd_nxt - c->snd_una, mss = c->mss, seg = c->seg;
     uint32_t snd_wnd = (uint32_t)c->window_field << c->ws_from;
     if (snd_wnd <= inflight)
         return 0;  /* the window is full: the guest's next ACK opens it */
@@ -98,19 +98,19 @@ static int push_locked(struct tn_ttable *t, struct tn_tcpc *c, struct tn_uoutq *
         return avail == 0 ? 0 : -1;
     uint32_t have = (uint32_t)avail;
     uint64_t want = usable;
-    if (want > (uint64_t)room * mss)
-        want = (uint64_t)room * mss;
+    if (want > (uint64_t)room * seg)
+        want = (uint64_t)room * seg;
     if (want > have)
         want = have;
     uint32_t sws = c->max_snd_wnd / 2 < mss ? c->max_snd_wnd / 2 : mss;
     if (want < have && inflight > 0 && want < sws)
         return 0;  /* RFC 1122 §4.2.3.4: the next ACK opens more */
     int n = tn_uout_put_tcp_locked(q, c, c->snd_nxt, c->rcv_nxt, c->our_field,
-                                   TCP_ACK | TN_TCP_PSH, (uint32_t)want, mss);
+                                   TCP_ACK | TN_TCP_PSH, (uint32_t)want, seg, mss);
     if (n <= 0)
         return -1;
-    uint32_t segs = (uint32_t)((want + mss - 1) / mss);
-    c->snd_nxt += (uint32_t)n >= segs ? (uint32_t)want : (uint32_t)n * mss;
+    uint32_t frames = (uint32_t)((want + seg - 1) / seg);
+    c->snd_nxt += (uint32_t)n >= frames ? (uint32_t)want : (uint32_t)n * seg;
     c->moved = 1;
     __atomic_fetch_add(&t->push_segments, (uint64_t)n, __ATOMIC_RELAXED);
     /* sent with nothing in flight before while Python's retransmission timer
@@ -120,7 +120,7 @@ static int push_locked(struct tn_ttable *t, struct tn_tcpc *c, struct tn_uoutq *
         c->timer = 1;
         return -1;
     }
-    return (uint32_t)n >= segs ? n : -1;
+    return (uint32_t)n >= frames ? n : -1;
 }
 
 /* The ACK for the guest data c sent natively (q and c locked), from its
@@ -134,7 +134,8 @@ static int ack_locked(struct tn_tcpc *c, struct tn_uoutq *q)
     if (field == 0)
         return 0;
     uint8_t frame[TN_TCPC_TMPL_MAX + MIN_FRAME];
-    struct tn_tcp_entry e = {c, c->snd_nxt, c->rcv_nxt, 0, field, TCP_ACK};
+    struct tn_tcp_entry e = {
+        .c = c, .seq = c->snd_nxt, .ack = c->rcv_nxt, .window = field, .flags = TCP_ACK};
     uint32_t tl = c->tmpl_len, flen = tl;
     memcpy(frame, c->tmpl, tl);
     tn_tcp_headers(&e, frame, tl, c->snd_nxt, 0, 0);

@@ -163,6 +163,7 @@ void tn_tcpc_resume(struct tn_tcpc *c, const struct tn_tcpc_state *st)
     c->ws = st->ws_to > 14 ? 14 : st->ws_to;
     c->ws_from = st->ws_from > 14 ? 14 : st->ws_from;
     c->mss = st->mss;
+    c->seg = st->seg > st->mss && st->seg <= TN_TCP_SEG_MAX ? st->seg : st->mss;
     c->ack = st->ack != 0;
     c->our_field = st->our_field;
     c->max_snd_wnd = st->max_snd_wnd;

@@ -39,6 +39,7 @@ struct tn_tcpc {
     /* native ACKs (under lock): allowed by Python, and what they said */
     uint8_t ack, ws, owed, acks, took;
     uint32_t snd_nxt, mss, acked, rcv_edge;
+    uint32_t seg;                 /* payload per frame: mss, or more for a TSO guest */
     uint16_t our_field;           /* the window field last advertised (Python's, or a native ACK's) */
     /* guest ACKs and host data (under lock): allowed by Python (push) */
     uint8_t data, push, ws_from, moved, ack_owed, push_owed, timer;
@@ -72,6 +73,7 @@ struct tn_tcp_entry {
     struct tn_tcpc *c;
     uint32_t seq, ack, len;
     uint16_t window;
+    uint16_t gso;         /* len > gso > 0: one GSO frame of gso-byte segments */
     uint8_t flags;
 };
 

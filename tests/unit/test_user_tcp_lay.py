@@ -18,7 +18,7 @@ import struct
 import termios
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -37,6 +37,17 @@ ACK, WINDOW = 123456, 512
 STREAM = bytes((i * 31 + i // 256) & 0xFF for i in range(40_000))
 
 
+def complete_checksum(segment: bytes) -> int:
+    """What a driver stores for a NEEDS_CSUM frame: the complement of the
+    ones'-complement sum of the segment (its checksum field holding the
+    pseudo-header's sum)."""
+    data = segment + b"\0" * (len(segment) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
 def counters() -> dict[str, int]:
     out = ffi.new("struct tn_tcpc_stats *")
     lib.tn_tcpc_stats_get(out)
@@ -52,6 +63,7 @@ class Lay:
     ours: socket.socket  # the stack's socket behind native
     native: Any  # struct tn_tcpc *
     v6: bool
+    gso_headers: list[bytes] = field(default_factory=list)  # each frame's first 10 bytes
 
     def send(self, data: bytes) -> None:
         """The peer's data, all of it in our socket's receive queue."""
@@ -63,25 +75,28 @@ class Lay:
             if struct.unpack("i", buf)[0] >= len(data):
                 return
 
-    def queue(self, offset: int, length: int, mss: int) -> int:
-        """Entries for stream bytes [offset, offset + length), cut to the MSS."""
+    def queue(self, offset: int, length: int, mss: int, seg: int = 0) -> int:
+        """Entries for stream bytes [offset, offset + length), cut to ``seg``
+        (default the MSS; longer: GSO frames of MSS-byte segments)."""
         return int(
             lib.tn_uout_put_tcp(self.box.cdata, self.native, UNA + offset, ACK, WINDOW, 0x18,
-                                length, mss)
+                                length, seg or mss, mss)
         )  # fmt: skip
 
-    def drain(self, max_frames: int = 256, mrg: bool = True) -> int:
+    def drain(self, max_frames: int = 256, mrg: bool = True, rx_flags: int = 0) -> int:
         vr = self.rig.rxq[0][1]
-        rc = lib.tn_uout_drain(self.box.cdata, vr.vq, self.rig.mem.table, mrg, HDR, 0,
+        rc = lib.tn_uout_drain(self.box.cdata, vr.vq, self.rig.mem.table, mrg, HDR, rx_flags,
                                max_frames, self.rig.scratch, self.rig.b)  # fmt: skip
         return int(vr.check(rc))
 
     def segments(self) -> list[tuple[int, bytes, int]]:
         """(stream offset, payload, buffers used) of each frame laid, in ring
-        order, its checksums checked."""
+        order, its checksums checked (a GSO frame's partial one completed as
+        its driver would)."""
         out = []
         for frame, group in self.rig.rx_frames():
             assert int.from_bytes(frame[10:12], "little") == len(group)
+            self.gso_headers.append(frame[:10])
             pkt = Ether(frame[HDR:])
             ip = pkt[IPv6] if self.v6 else pkt[IP]
             tcp = pkt[TCP]
@@ -93,7 +108,13 @@ class Lay:
             if not self.v6:
                 del again[IP].chksum
                 assert Ether(bytes(again))[IP].chksum == ip.chksum
-            assert Ether(bytes(again))[TCP].chksum == tcp.chksum
+            want = Ether(bytes(again))[TCP].chksum
+            if frame[0] & 1:  # NEEDS_CSUM: the sum from csum_start, stored at csum_offset
+                start, offset = struct.unpack_from("<HH", frame, 6)
+                assert (start, offset) == (14 + (40 if self.v6 else 20), 16)
+                assert complete_checksum(frame[HDR + start :]) == want
+            else:
+                assert tcp.chksum == want
             out.append(((tcp.seq - UNA) & 0xFFFFFFFF, payload, len(group)))
         return out
 
@@ -253,3 +274,36 @@ def test_any_run_lays_the_stream_in_order_with_every_buffer_accounted(sc: dict[s
         # the stream from the first unacknowledged byte, each byte once, in order
         assert b"".join(p for _, p, _ in segs) == STREAM[acked:held]
         assert offsets == sorted(offsets)
+
+
+def test_a_tso_guest_gets_gso_frames_of_mss_segments_with_partial_checksums() -> None:
+    for v6 in (False, True):
+        with lay_rig(v6) as t:
+            t.send(STREAM[:40_000])
+            assert t.queue(0, 40_000, 1460, seg=1460 * 20) == 2  # 29,200 + 10,800 bytes
+            for _ in range(40):
+                t.rig.rxq[0][0].add_rx(4096)
+            flags = lib.TN_RX_DATA_VALID | (lib.TN_RX_TSO6 if v6 else lib.TN_RX_TSO4)
+            assert t.drain(rx_flags=flags) == 2
+            segs = t.segments()
+            assert [(off, len(p)) for off, p, _ in segs] == [(0, 29_200), (29_200, 10_800)]
+            assert b"".join(p for _, p, _ in segs) == STREAM[:40_000]
+            tl = 14 + (40 if v6 else 20) + 20
+            for hdr in t.gso_headers:
+                flags_, gso_type, hdr_len, gso_size = struct.unpack_from("<BBHH", hdr)
+                assert (flags_, gso_type, hdr_len, gso_size) == (1, 4 if v6 else 1, tl, 1460)
+
+
+def test_a_gso_entry_for_a_guest_without_tso_sends_one_segment() -> None:
+    """Queued for a TSO guest, drained after the driver lost TSO (a new VMM
+    session): each entry goes as one MSS-sized frame, the rest is the
+    retransmission's."""
+    with lay_rig() as t:
+        t.send(STREAM[:20_000])
+        assert t.queue(0, 20_000, 1000, seg=10_000) == 2
+        for _ in range(10):
+            t.rig.rxq[0][0].add_rx(2048)
+        assert t.drain(rx_flags=lib.TN_RX_DATA_VALID | lib.TN_RX_TSO6) == 2  # v4: no TSO4
+        segs = t.segments()
+        assert [(off, len(p)) for off, p, _ in segs] == [(0, 1000), (10_000, 1000)]
+        assert all(h[0] & 1 == 0 and h[1] == 0 for h in t.gso_headers)

@@ -41,9 +41,9 @@ def python_data(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     data = tcp_mod.GuestWire.data
 
     def counting(self: Any, flags: int, seq: int, ack: int, window: int, length: int,
-                 mss: int) -> None:  # fmt: skip
-        sent["segments"] += -(-length // mss)
-        data(self, flags, seq, ack, window, length, mss)
+                 seg: int, mss: int) -> None:  # fmt: skip
+        sent["segments"] += -(-length // seg)
+        data(self, flags, seq, ack, window, length, seg, mss)
 
     monkeypatch.setattr(tcp_mod.GuestWire, "data", counting)
     return sent
@@ -270,6 +270,7 @@ async def test_host_data_arriving_with_nothing_in_flight_goes_on_from_c(
         async with stream:
             await go.wait()
             conn = ready[0]
+            tx1, mark = conn.net.fe.queues[3], 0  # pair 1's TX ring
             for k in range(CHUNKS):
                 await stream.send_all(payload[k * CHUNK : (k + 1) * CHUNK])
                 have = (k + 1) * CHUNK
@@ -277,6 +278,14 @@ async def test_host_data_arriving_with_nothing_in_flight_goes_on_from_c(
                 if move and k == CHUNKS // 4:
                     conn.pair, conn.follow = 1, False
                     conn.rx_pairs.clear()
+                    mark = tx1.avail_idx
+                if move and k == CHUNKS // 4 + 1:
+                    # the guest's ACK of it went on pair 1: the stack takes it before
+                    # the next chunk arrives (else that chunk races it to pair 0)
+                    await until(
+                        lambda m=mark: tx1.avail_idx != m and tx1.used_idx() == tx1.avail_idx,
+                        "the guest's ACK on pair 1 taken",
+                    )
 
     port = await server(lockstep)
     async with user_guest(tmp_path, make_config(), threads=threads) as g, guest_net(g) as net:

@@ -70,9 +70,11 @@ class Wire:
         self.out.append((flags, seq, ack, window, payload))
         self.options.append(options)
 
-    def data(self, flags: int, seq: int, ack: int, window: int, length: int, mss: int) -> None:
-        for off in range(0, length, mss):
-            self.sent.append((seq + off, min(mss, length - off)))
+    def data(
+        self, flags: int, seq: int, ack: int, window: int, length: int, seg: int, mss: int
+    ) -> None:
+        for off in range(0, length, seg):
+            self.sent.append((seq + off, min(seg, length - off)))
 
 
 def established(host: Host, *, sack: bool = False) -> tuple[T.TcpConn, Wire]:

@@ -8,7 +8,9 @@ of the socketpair is the ordinary one: with more than one pair the enables set
 the active pair count, as QEMU's do.
 
 The driver's offer: VERSION_1, CSUM (the tap's partial checksums go to the
-stack as NEEDS_CSUM), GUEST_CSUM, and MQ with more than one pair.  No merged
+stack as NEEDS_CSUM), GUEST_CSUM, GUEST_TSO4 and GUEST_TSO6 (the stack's TCP
+data comes as GSO frames of many segments, which the tap takes whole), and
+MQ with more than one pair.  No merged
 RX buffers: every buffer holds the largest frame a tap can carry.
 """
 
@@ -141,7 +143,10 @@ class NetnsFrontend:
             most = await self._u64(sock, m.GetQueueNum())
             if self.pairs > most:
                 raise FrontendError(f"{self.pairs} queue pairs asked, the session has {most}")
-        want = F.mask(F.VERSION_1, F.CSUM, F.GUEST_CSUM, F.VHOST_USER_PROTOCOL_FEATURES)
+        want = F.mask(
+            *(F.VERSION_1, F.CSUM, F.GUEST_CSUM, F.VHOST_USER_PROTOCOL_FEATURES),
+            *(F.GUEST_TSO4, F.GUEST_TSO6),  # the tap takes GSO frames written to it
+        )
         if self.pairs > 1:
             want |= F.bit(F.MQ)
         self.features = want & offered

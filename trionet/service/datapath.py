@@ -83,6 +83,16 @@ class PairContext:
         return self.hdr_len + (65535 + 18 if gso else self.mtu + 18)
 
 
+def rx_flags(features: int) -> int:
+    """What the driver takes on RX, for the user drains (``TN_RX_*``)."""
+    flags = lib.TN_RX_DATA_VALID if F.has(features, F.GUEST_CSUM) else 0
+    if F.has(features, F.GUEST_TSO4):
+        flags |= lib.TN_RX_TSO4
+    if F.has(features, F.GUEST_TSO6):
+        flags |= lib.TN_RX_TSO6
+    return int(flags)
+
+
 def notify(ctx: PairContext, vr: Vring) -> None:
     """Interrupt the guest for ``vr`` if it wants one (EVENT_IDX / NO_INTERRUPT)."""
     if vr.call_fd is None or not vr.needs_notify():
@@ -294,7 +304,7 @@ async def user_rx(ctx: PairContext, stack: UserStack) -> None:
     box = stack.outboxes[p]
     b = ffi.new("struct tn_batch *")
     hdr, mrg, table, utable = ctx.hdr_len, ctx.mrg, ctx.mem.table, stack.fast.table
-    data_valid = 1 if F.has(ctx.features, F.GUEST_CSUM) else 0
+    data_valid = rx_flags(ctx.features)
     waker = select.epoll()
     waker.register(box.wake_fd, select.EPOLLIN)
     waker.register(stack.fast.epoll_fd(p), select.EPOLLIN)
@@ -405,7 +415,7 @@ async def run_user_worker(
     io.rx_kick, io.rx_call = _fd(ctx.rx.kick_fd), _fd(ctx.rx.call_fd)
     io.hdr_len, io.batch, io.spin_ns = ctx.hdr_len, BATCH, SPIN_NS_WORKER
     io.pair, io.mrg = p, ctx.mrg
-    io.data_valid = 1 if F.has(ctx.features, F.GUEST_CSUM) else 0
+    io.data_valid = rx_flags(ctx.features)
     fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2)]
     io.slow_fd, io.resume_fd = fds
     rc = 0

@@ -13,8 +13,10 @@ from trionet.backends.user.stack import UserStack
 from trionet.net import features as F
 
 # Checksums: the guest may leave its TX checksums partial (we verify only the
-# ones it completed); we produce every checksum and mark RX DATA_VALID.
-USER_FEATURES = F.mask(F.CSUM, F.GUEST_CSUM)
+# ones it completed); we produce every checksum and mark RX DATA_VALID.  A
+# guest that takes TSO gets host data in GSO frames of many segments (their
+# checksums partial, NEEDS_CSUM).
+USER_FEATURES = F.mask(F.CSUM, F.GUEST_CSUM, F.GUEST_TSO4, F.GUEST_TSO6)
 
 
 class UserBackend:
@@ -36,6 +38,7 @@ class UserBackend:
 
     def set_features(self, features: int) -> None:
         self.features = features
+        self.stack.set_features(features)
 
     async def set_active_pairs(self, n: int) -> None:
         self.stack.set_active_pairs(n)

@@ -401,14 +401,23 @@ class Outbox:
         return rc == 1
 
     def put_tcp(
-        self, conn: Any, seq: int, ack: int, window: int, flags: int, length: int, mss: int
+        self,
+        conn: Any,
+        seq: int,
+        ack: int,
+        window: int,
+        flags: int,
+        length: int,
+        seg: int,
+        mss: int,
     ) -> int:
         """Queue ``length`` bytes of connection ``conn``'s stream (a ``struct
-        tn_tcpc *``) from ``seq`` as data segments of at most ``mss`` bytes,
-        ``flags`` on the last: the bytes are peeked from the socket when the
-        frames are laid (``usertcp.h``).  How many segments were queued (the
-        rest found the outbox full)."""
-        rc = int(lib.tn_uout_put_tcp(self.cdata, conn, seq, ack, window, flags, length, mss))
+        tn_tcpc *``) from ``seq`` as frames of at most ``seg`` bytes (a longer
+        one than ``mss``: a GSO frame of ``mss``-byte segments), ``flags`` on
+        the last: the bytes are peeked from the socket when the frames are laid
+        (``usertcp.h``).  How many frames were queued (the rest found the
+        outbox full)."""
+        rc = int(lib.tn_uout_put_tcp(self.cdata, conn, seq, ack, window, flags, length, seg, mss))
         if rc < 0:
             raise OSError(-rc, f"outbox: {os.strerror(-rc)}")
         return rc

@@ -34,6 +34,7 @@ from trionet.backends.user.ndp import handle_ndp, unsolicited_ra
 from trionet.backends.user.tcp import TcpFlows
 from trionet.backends.user.tcp_segment import superseded_acks
 from trionet.backends.user.udp import UdpFlows
+from trionet.net import features as F
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class UserStack:
         self.cfg = cfg
         self.max_pairs = max_pairs
         self.guest_mac: bytes | None = cfg.guest_mac
+        self.guest_tso = {4: False, 6: False}
         self.seen: dict[int, P.IPAddress] = {}  # the guest's own address in use, by IP version
         self.outboxes = [Outbox(OUTBOX_LIMIT) for _ in range(max_pairs)]
         self.active_pairs = 1
@@ -193,6 +195,14 @@ class UserStack:
     def pair_for_key(self, key: object) -> int:
         """A host-initiated flow's first pair: spread by hash over the active pairs."""
         return zlib.crc32(repr(key).encode()) % self.active_pairs
+
+    def set_features(self, features: int) -> None:
+        """The driver's features: whether new TCP connections may send it GSO
+        frames, per IP version (its GUEST_TSO4 / GUEST_TSO6)."""
+        self.guest_tso = {
+            4: F.has(features, F.GUEST_TSO4),
+            6: F.has(features, F.GUEST_TSO6),
+        }
 
     def set_active_pairs(self, n: int) -> None:
         """Pairs >= n stop carrying traffic: their flows move to an active pair

@@ -212,9 +212,12 @@ class GuestWire:
         frame = self.template.frame(flags, seq, ack, window, payload, options)
         self.stack.to_guest(frame, self.pair)
 
-    def data(self, flags: int, seq: int, ack: int, window: int, length: int, mss: int) -> None:
+    def data(
+        self, flags: int, seq: int, ack: int, window: int, length: int, seg: int, mss: int
+    ) -> None:
         box = self.stack.outboxes[self.stack.home(self.pair)]
-        missing = -(-length // mss) - box.put_tcp(self.native, seq, ack, window, flags, length, mss)
+        queued = box.put_tcp(self.native, seq, ack, window, flags, length, seg, mss)
+        missing = -(-length // seg) - queued
         if missing:
             self.stack.drops["rx_outbox_full"] += missing
 
@@ -372,6 +375,7 @@ class TcpFlows:
         host = HostSocket(sock, native)
         mss_limit = min(cfg.mtu - (40 if version == 4 else 60), 0xFFFF)
         conn = TcpConn(host, wire, iss=iss, mss_limit=mss_limit, now=trio.current_time())
+        conn.gso = self.stack.guest_tso[version]
         flow = TcpFlow(key, sock, host, wire, conn, target, inbound, ep)
         self.flows[key] = flow
         self.by_native[_addr(native)] = flow
@@ -485,6 +489,7 @@ class TcpFlows:
         st = self.state
         st.rcv_nxt, st.snd_una, st.snd_nxt = conn.rcv_nxt, conn.snd_una, conn.snd_nxt
         st.rcv_edge, st.mss, st.max_snd_wnd = conn.rcv_edge, conn.mss, conn.max_snd_wnd
+        st.seg = conn.seg
         st.window_field, st.our_field = conn.window_field, conn.wnd_sent >> conn.ws_to_guest
         st.ws_to, st.ws_from = conn.ws_to_guest, conn.ws_from_guest
         st.data = conn.state is State.ESTABLISHED

@@ -430,7 +430,7 @@ class TcpConn(Tcb):
             if room <= 0:
                 self.blocked_at = now
                 break
-            want = min(usable, room * self.mss)
+            want = min(usable, room * self.seg)
             if self.fin_seq is not None:
                 want = min(want, seq_diff(self.fin_seq, self.snd_nxt))
             have = self.host.available(inflight)
@@ -447,11 +447,12 @@ class TcpConn(Tcb):
             self.rto_at = now + self._rto()
 
     def _data_at(self, seq: int, size: int) -> int:
-        """``size`` bytes of the stream from ``seq`` in segments of at most one
-        MSS (they carry our ACK); how many segments."""
-        self.wire.data(ACK | PSH, seq, self.rcv_nxt, self._window(), size, self.mss)
+        """``size`` bytes of the stream from ``seq`` in frames of at most
+        ``seg`` bytes (they carry our ACK); how many frames."""
+        seg = self.seg
+        self.wire.data(ACK | PSH, seq, self.rcv_nxt, self._window(), size, seg, self.mss)
         self.ack_due = False
-        return -(-size // self.mss)
+        return -(-size // seg)
 
     def _send_data(self, size: int) -> int:
         """``size`` bytes from ``snd_nxt``; how many segments."""
@@ -470,7 +471,7 @@ class TcpConn(Tcb):
             if room <= 0:
                 self.blocked_at = self.now
                 break
-            size = min(size, room * self.mss)
+            size = min(size, room * self.seg)
             room -= self._data_at(seq, size)
             self.rexmit_next = (seq + size) & MASK
             self.sack_resent += size

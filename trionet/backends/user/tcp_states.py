@@ -100,7 +100,11 @@ class Wire(Protocol):
         self, flags: int, seq: int, ack: int, window: int, payload: bytes, options: bytes
     ) -> None: ...
 
-    def data(self, flags: int, seq: int, ack: int, window: int, length: int, mss: int) -> None:
-        """Segments of at most ``mss`` bytes carrying ``length`` bytes of the
+    def data(
+        self, flags: int, seq: int, ack: int, window: int, length: int, seg: int, mss: int
+    ) -> None:
+        """Frames of at most ``seg`` bytes carrying ``length`` bytes of the
         host stream from ``seq`` (taken from the host socket's receive queue,
-        at ``seq - snd_una``); ``flags`` on the last, without PSH on the others."""
+        at ``seq - snd_una``); ``flags`` on the last, without PSH on the others.
+        A frame longer than ``mss`` goes as one GSO frame of ``mss``-byte
+        segments."""

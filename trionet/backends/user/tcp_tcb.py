@@ -15,11 +15,18 @@ from trionet.backends.user.tcp_segment import MASK, Reassembly, Scoreboard, sack
 from trionet.backends.user.tcp_states import Host, State, Wire
 
 MSS_DEFAULT = 536  # RFC 9293 §3.7.1, when the SYN carries no MSS option
+SEG_MAX = 65476  # a GSO frame's payload at most (TN_TCP_SEG_MAX in native/usertcp.h)
 WINDOW_RETRY = 0.02  # s: a zero window we advertised is looked at again this often
 
 
 class Tcb:
     """A connection's variables, and the window and ACKs sent from them."""
+
+    @property
+    def seg(self) -> int:
+        """Payload per frame to the guest: one MSS, or as many as a GSO frame
+        holds (``TN_TCP_SEG_MAX``) when the guest takes TSO."""
+        return self.mss * max(1, SEG_MAX // self.mss) if self.gso else self.mss
 
     def __init__(self, host: Host, wire: Wire, *, iss: int, mss_limit: int, now: float) -> None:
         self.host = host
@@ -27,6 +34,7 @@ class Tcb:
         self.state = State.CONNECTING
         self.mss_limit = mss_limit  # the MTU's MSS for this family
         self.mss = min(MSS_DEFAULT, mss_limit)  # largest segment to the guest
+        self.gso = False  # the guest takes GSO frames for this connection (its TSO)
         # towards the guest
         self.iss = iss
         self.snd_una = self.snd_nxt = self.snd_max = iss
