@@ -17,6 +17,8 @@
 #include "internal/userio_impl.h"
 
 #define VNET_F_NEEDS_CSUM 1
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
 #define TX_RUN 64                 /* datagrams of one socket per sendmmsg */
 
 /* ---- guest TX -------------------------------------------------------------- */
@@ -240,7 +242,10 @@ static int user_tx(struct tn_vq *vq, const struct tn_mem *m, uint32_t hdr_len, u
         if (hdr_len <= VNET_HDR_MAX && gso == 0 && parse_udp(h + hdr_len, got - hdr_len, flen, &u))
             slot = find(t, u.v6, u.src, u.dst, u.sport, u.dport);
         int joined = 0;  /* TCP data of the fast path: into the run, sent when it ends */
-        if (slot < 0 && gso == 0 && t->tcp != NULL) {
+        /* TCP: plain segments, and a TSO guest's GSO frames (many segments'
+         * payload at once, checksum partial), taken whole */
+        int tcp_gso = (gso & 0x7f) == VNET_GSO_TCPV4 || (gso & 0x7f) == VNET_GSO_TCPV6;
+        if (slot < 0 && (gso == 0 || tcp_gso) && t->tcp != NULL) {
             joined = tn_tcp_tx_join(t->tcp, trun, acks, ch, nch, h, got, hdr_len, flen, flags, pair,
                                     head);
             if (joined == 2) {

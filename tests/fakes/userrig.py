@@ -139,8 +139,10 @@ class Rig:
         assert slot >= 0
         return Flow(slot, v6, server, sock, gport, pport)
 
-    def send(self, pair: int, frame: bytes, flags: int = 0, segments: int = 1, **kw: Any) -> None:
-        self.txq[pair][0].add_tx(vnet_hdr(flags) + frame, segments=segments, **kw)
+    def send(
+        self, pair: int, frame: bytes, flags: int = 0, segments: int = 1, gso: int = 0, **kw: Any
+    ) -> None:
+        self.txq[pair][0].add_tx(vnet_hdr(flags, gso) + frame, segments=segments, **kw)
 
     def tx(self, pair: int = 0, max_chains: int = 256, hdr_len: int = HDR) -> int:
         vr = self.txq[pair][1]

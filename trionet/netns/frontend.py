@@ -9,8 +9,9 @@ the active pair count, as QEMU's do.
 
 The driver's offer: VERSION_1, CSUM (the tap's partial checksums go to the
 stack as NEEDS_CSUM), GUEST_CSUM, GUEST_TSO4 and GUEST_TSO6 (the stack's TCP
-data comes as GSO frames of many segments, which the tap takes whole), and
-MQ with more than one pair.  No merged
+data comes as GSO frames of many segments, which the tap takes whole),
+HOST_TSO4 and HOST_TSO6 (the namespace's TCP leaves as GSO frames, the tap's
+TUN_F_TSO4/6), and MQ with more than one pair.  No merged
 RX buffers: every buffer holds the largest frame a tap can carry.
 """
 
@@ -146,6 +147,7 @@ class NetnsFrontend:
         want = F.mask(
             *(F.VERSION_1, F.CSUM, F.GUEST_CSUM, F.VHOST_USER_PROTOCOL_FEATURES),
             *(F.GUEST_TSO4, F.GUEST_TSO6),  # the tap takes GSO frames written to it
+            *(F.HOST_TSO4, F.HOST_TSO6),  # and hands them over (TUN_F_TSO4/6, set below)
         )
         if self.pairs > 1:
             want |= F.bit(F.MQ)
@@ -188,6 +190,21 @@ class NetnsFrontend:
             raise
         return mk
 
+    def _tap_offloads(self) -> None:
+        """The tap was made handing over partial checksums and TCP GSO frames
+        (link.py); narrowed to what the session took, if it took less."""
+        if F.has(self.features, F.HOST_TSO4) and F.has(self.features, F.HOST_TSO6):
+            return
+        flags = lib.TN_TUN_F_CSUM
+        if F.has(self.features, F.HOST_TSO4):
+            flags |= lib.TN_TUN_F_TSO4
+        if F.has(self.features, F.HOST_TSO6):
+            flags |= lib.TN_TUN_F_TSO6
+        for fd in self.taps:
+            rc = lib.tn_tap_set_offload(fd, flags)
+            if rc < 0:
+                raise FrontendError(f"TUNSETOFFLOAD: {os.strerror(-rc)}")
+
     # ---------------------------------------------------------------- drivers
     def _driver(self, p: int, base: Any, fds: list[list[int]]) -> Any:
         rx, tx = self.rings[p]
@@ -227,6 +244,7 @@ class NetnsFrontend:
                 base = ffi.from_buffer("uint8_t[]", ram)
                 try:
                     fds = await self.negotiate(sock, memfd)
+                    self._tap_offloads()
                     self.drivers = [self._driver(p, base, fds) for p in range(self.pairs)]
                     async with trio.open_nursery() as nursery:
                         for p, d in enumerate(self.drivers):

@@ -5,8 +5,9 @@ stack's router advertisements).
 
 Runs on ``namespace.run_inside``'s thread, so the tap and the netlink socket
 are created in the target namespace.  The tap hands frames over with a
-12-byte virtio-net header (the rings' own) and may leave TCP/UDP checksums
-partial (``TUN_F_CSUM``): the user stack takes them as a VM's NEEDS_CSUM.
+12-byte virtio-net header (the rings' own), may leave TCP/UDP checksums
+partial (``TUN_F_CSUM``) and may hand over TCP GSO frames (``TUN_F_TSO4/6``):
+the user stack takes them as a TSO guest's.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def open_taps(plan: LinkPlan) -> list[int]:
             fd = _check(lib.tn_tap_open(plan.ifname.encode(), 1, name_out), what)
             fds.append(fd)
             _check(lib.tn_tap_set_vnet_hdr_sz(fd, VNET_HDR_LEN), "TUNSETVNETHDRSZ")
-            _check(lib.tn_tap_set_offload(fd, lib.TN_TUN_F_CSUM), "TUNSETOFFLOAD")
+            offloads = lib.TN_TUN_F_CSUM | lib.TN_TUN_F_TSO4 | lib.TN_TUN_F_TSO6
+            _check(lib.tn_tap_set_offload(fd, offloads), "TUNSETOFFLOAD")
     except BaseException:
         for fd in fds:
             os.close(fd)

@@ -13,10 +13,13 @@ from trionet.backends.user.stack import UserStack
 from trionet.net import features as F
 
 # Checksums: the guest may leave its TX checksums partial (we verify only the
-# ones it completed); we produce every checksum and mark RX DATA_VALID.  A
-# guest that takes TSO gets host data in GSO frames of many segments (their
-# checksums partial, NEEDS_CSUM).
-USER_FEATURES = F.mask(F.CSUM, F.GUEST_CSUM, F.GUEST_TSO4, F.GUEST_TSO6)
+# ones it completed); we produce every checksum and mark RX DATA_VALID.  TSO
+# both ways: a guest may send TCP in GSO frames (HOST_TSO4/6: the payload goes
+# to the socket whole), and one that takes them gets host data so (GUEST_TSO4/6:
+# GSO frames of many segments, checksums partial, NEEDS_CSUM).
+USER_FEATURES = F.mask(
+    *(F.CSUM, F.GUEST_CSUM, F.GUEST_TSO4, F.GUEST_TSO6, F.HOST_TSO4, F.HOST_TSO6)
+)
 
 
 class UserBackend:
