@@ -135,10 +135,24 @@ async def test_concurrent_connections(tmp_path: Path, server: Any, threads: bool
             await conn.send_all(pattern(3000, i), fin=True)
             results[i] = await conn.recv_until_fin()
 
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for i in range(CONCURRENT):
-                    nursery.start_soon(one, i)
+        try:
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for i in range(CONCURRENT):
+                        nursery.start_soon(one, i)
+        except trio.TooSlowError:  # say where it stood: which pairs, which states
+            st = g.service.status()
+            pairs = [{k: p[k] for k in ("index", "tx_packets", "rx_packets", "drops_by_reason")}
+                     for p in st["pairs"]]  # fmt: skip
+            left = sorted(set(range(CONCURRENT)) - set(results))
+            states: dict[str, int] = {}
+            for f in stack_of(net).tcp.flows.values():
+                states[f.conn.state.name] = states.get(f.conn.state.name, 0) + 1
+            on = sorted({i % 2 for i in left})
+            raise AssertionError(
+                f"{len(left)} connections unfinished after 60 s (on pairs {on}): {pairs}; "
+                f"flows by state {states}; tcp {st['user']['tcp']}"
+            ) from None
         assert all(results[i] == pattern(3000, i) for i in range(CONCURRENT))
         stack = stack_of(net)
         await settled(stack)
