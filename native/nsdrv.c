@@ -131,20 +131,17 @@ static int tx_reclaim(struct tn_nsdrv *d, struct ring *tx, uint16_t *free_ids, u
 
 /* tap -> TX ring: up to batch frames read into free buffers and posted. */
 static int tap_to_tx(struct tn_nsdrv *d, struct ring *tx, uint16_t *free_ids, uint32_t *nfree,
-                     int *progress, int *tap_empty)
+                     int *progress)
 {
     uint32_t n = 0;
-    *tap_empty = 0;
     while (*nfree > 0 && n < d->batch) {
         uint16_t id = free_ids[*nfree - 1];
         ssize_t r = read(d->tap_fd, d->base + tx->bufs + (uint64_t)id * d->buf_size, d->buf_size);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno == EAGAIN) {
-                *tap_empty = 1;
+            if (errno == EAGAIN)
                 break;
-            }
             if (errno == EFAULT || errno == EINVAL || errno == EMSGSIZE) {
                 /* the frame did not fit (the kernel dropped it): count it */
                 d->stats.tx_errors++;
@@ -152,10 +149,8 @@ static int tap_to_tx(struct tn_nsdrv *d, struct ring *tx, uint16_t *free_ids, ui
             }
             return -errno;
         }
-        if (r == 0) {
-            *tap_empty = 1;
+        if (r == 0)
             break;
-        }
         (*nfree)--;
         tx->desc[id].len = (uint32_t)r;
         tx->desc[id].flags = 0;
@@ -170,18 +165,16 @@ static int tap_to_tx(struct tn_nsdrv *d, struct ring *tx, uint16_t *free_ids, ui
     return publish(d, tx, d->tx_kick);
 }
 
+/* A ring as the front end laid it out: empty, its indexes 0. */
 static struct ring ring_of(struct tn_nsdrv *d, uint64_t desc, uint64_t avail, uint64_t used,
                            uint64_t bufs)
 {
-    struct ring r = {
+    return (struct ring){
         .desc = (struct desc *)(d->base + desc),
         .avail = (uint16_t *)(d->base + avail),
         .used = (uint16_t *)(d->base + used),
         .bufs = bufs,
     };
-    r.avail_idx = __atomic_load_n(&r.avail[1], __ATOMIC_RELAXED);
-    r.last_used = __atomic_load_n(&r.used[1], __ATOMIC_ACQUIRE);
-    return r;
 }
 
 static int watch(int ep, int op, int fd, uint32_t events)
@@ -201,19 +194,16 @@ int tn_nsdrv_run(struct tn_nsdrv *d)
     uint16_t *free_ids = calloc(q, sizeof *free_ids);
     if (!free_ids)
         return -ENOMEM;
-    /* The rings start empty (the front end just laid them out, or a previous
-     * run returned every buffer): every TX buffer is free, every RX buffer
-     * not yet posted is posted now. */
+    /* The rings start empty (one run per layout): every TX buffer is free,
+     * every RX buffer is posted now. */
     uint32_t nfree = 0;
-    uint16_t tx_out = (uint16_t)(tx.avail_idx - tx.last_used);
-    for (uint32_t i = tx_out; i < q; i++) {
+    for (uint32_t i = 0; i < q; i++) {
         tx.desc[i].addr = tx.bufs + (uint64_t)i * d->buf_size;
         free_ids[nfree++] = (uint16_t)i;
     }
     tx.avail[0] = 0;  /* interrupts wanted: they are our wake-ups */
     rx.avail[0] = 0;
-    uint16_t rx_out = (uint16_t)(rx.avail_idx - rx.last_used);
-    for (uint32_t i = rx_out; i < q; i++) {
+    for (uint32_t i = 0; i < q; i++) {
         rx.desc[i].addr = rx.bufs + (uint64_t)i * d->buf_size;
         rx.desc[i].len = d->buf_size;
         rx.desc[i].flags = DESC_F_WRITE;
@@ -228,12 +218,12 @@ int tn_nsdrv_run(struct tn_nsdrv *d)
     if (!rc) rc = watch(ep, EPOLL_CTL_ADD, d->tx_call, EPOLLIN);
     if (!rc) rc = watch(ep, EPOLL_CTL_ADD, d->rx_call, EPOLLIN);
     if (!rc) rc = watch(ep, EPOLL_CTL_ADD, d->tap_fd, EPOLLIN);
-    if (!rc && rx_out < q) rc = publish(d, &rx, d->rx_kick);
+    if (!rc) rc = publish(d, &rx, d->rx_kick);
     int tap_watched = 1;
     while (!rc) {
-        int progress = 0, tap_empty = 0;
+        int progress = 0;
         rc = tx_reclaim(d, &tx, free_ids, &nfree);
-        if (!rc) rc = tap_to_tx(d, &tx, free_ids, &nfree, &progress, &tap_empty);
+        if (!rc) rc = tap_to_tx(d, &tx, free_ids, &nfree, &progress);
         if (!rc) rc = rx_to_tap(d, &rx, &progress);
         if (rc || progress)
             continue;

@@ -13,9 +13,9 @@
  *
  * One copy each way, as a tap owner like pasta has.  Rings are split, without
  * EVENT_IDX; each descriptor is one buffer of buf_size bytes (no merged RX
- * buffers, so a buffer holds the largest frame a tap can carry).  The front end fills in the
- * layout, the fds and stop_fd, runs tn_nsdrv_run on a thread and stops it by
- * writing stop_fd.  It returns 0 when stopped, or -errno when the tap or an
+ * buffers, so a buffer holds the largest frame a tap can carry).  The front
+ * end lays the rings out empty, fills in the layout, the fds and stop_fd,
+ * runs tn_nsdrv_run once on a thread and stops it by writing stop_fd.  It returns 0 when stopped, or -errno when the tap or an
  * eventfd failed; a used entry that names no descriptor of ours is -EPROTO. */
 #pragma once
 #include <stdint.h>

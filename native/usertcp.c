@@ -213,7 +213,7 @@ struct tn_tcp_entry *tn_tcp_entry_new(struct tn_tcpc *c, uint32_t seq, uint32_t 
     if (e == NULL)
         return NULL;
     __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
-    *e = (struct tn_tcp_entry){c, seq, ack, len, window, len > gso ? gso : 0, flags};
+    *e = (struct tn_tcp_entry){c, seq, ack, len, window, gso, flags};
     return e;
 }
 
@@ -300,20 +300,20 @@ void tn_tcp_headers(const struct tn_tcp_entry *e, uint8_t *hb, uint32_t tl, uint
     headers(e, hb, tl, seq, len, psum, 0);
 }
 
-/* The guest takes len bytes of e as one GSO frame: a longer one than its
- * segment size, of a family the guest takes TSO for. */
-static int as_gso(const struct tn_tcp_entry *e, uint32_t tl, int rx_flags, uint32_t len)
+/* The bytes of e (len of them in hand) one frame carries: all of them, *gso
+ * set when that is one GSO frame (longer than the segment size, of a family
+ * rx_flags says the guest takes TSO for); or, for a GSO entry the guest cannot
+ * take as one (TSO off since it was queued), one segment's worth (the rest is
+ * retransmitted). */
+static uint32_t wire_len(const struct tn_tcp_entry *e, uint32_t tl, int rx_flags, uint32_t len,
+                         int *gso)
 {
+    *gso = 0;
+    if (!e->gso || len <= e->gso)
+        return len;
     int v6 = tl == ETH_LEN + V6_LEN + TCP_LEN;
-    return e->gso && len > e->gso && (rx_flags & (v6 ? TN_RX_TSO6 : TN_RX_TSO4));
-}
-
-/* The bytes of e a frame carries: all of len, or, for a GSO entry the guest
- * cannot take as one (TSO off since it was queued), one segment's worth
- * (the rest is retransmitted). */
-static uint32_t wire_len(const struct tn_tcp_entry *e, uint32_t tl, int rx_flags, uint32_t len)
-{
-    return e->gso && len > e->gso && !as_gso(e, tl, rx_flags, len) ? e->gso : len;
+    *gso = (rx_flags & (v6 ? TN_RX_TSO6 : TN_RX_TSO4)) != 0;
+    return *gso ? len : e->gso;
 }
 
 /* Where each frame of a batch lies in the scratch: its chains and iovecs,
@@ -332,8 +332,8 @@ static uint32_t lay_headers(const struct tn_tcp_entry *e, struct tn_scratch *s,
     uint32_t tl = c->tmpl_len;
     const struct iovec *iov = s->iov + f->iov0;
     uint8_t hb[VNET_HDR_MAX + TN_TCPC_TMPL_MAX];
-    int gso = hdr_len >= 10 && as_gso(e, tl, data_valid, len);
-    len = wire_len(e, tl, data_valid, len);
+    int gso;  /* a header too short for GSO fields takes one segment's worth */
+    len = wire_len(e, tl, hdr_len >= 10 ? data_valid : 0, len, &gso);
     memset(hb, 0, hdr_len);
     if ((data_valid & TN_RX_DATA_VALID) && hdr_len > 0)
         hb[0] = VNET_F_DATA_VALID;
@@ -464,7 +464,8 @@ int tn_tcp_entry_flat(struct tn_tcp_entry *e, uint8_t *buf, uint32_t cap)
         count(skip < 0 ? &stats.stale : &stats.peek_errors);
         return -1;
     }
-    len = wire_len(e, tl, 0, (uint32_t)got);  /* flat frames carry no GSO header */
+    int gso;  /* flat frames carry no GSO header: one segment's worth */
+    len = wire_len(e, tl, 0, (uint32_t)got, &gso);
     memcpy(buf, c->tmpl, tl);
     tn_tcp_headers(e, buf, tl, seq, len, ns_sum_le(buf + tl, len, 0));
     count(&stats.laid);

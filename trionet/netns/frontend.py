@@ -18,7 +18,6 @@ RX buffers: every buffer holds the largest frame a tap can carry.
 from __future__ import annotations
 
 import array
-import logging
 import mmap
 import os
 import socket
@@ -34,8 +33,6 @@ from trionet.net import features as F
 from trionet.vhost_user import messages as m
 from trionet.vhost_user.constants import ProtocolFeature
 from trionet.vhost_user.replies import ReplyDecoder
-
-log = logging.getLogger(__name__)
 
 QSIZE = 128  # x 64 KiB buffers per ring: 8 MiB in flight each way
 BATCH = 64
